@@ -1,0 +1,397 @@
+"""The shared pieces of conditional-prior flow matching, in one small file.
+
+Every script in this repo (toy_2d.py, train_class.py, train_text.py, sample.py, fid.py) imports
+this module and nothing else of ours, so copying one script plus this file into another repo works.
+
+Conventions (see Issachar et al., TMLR 2025, "Designing a Conditional Prior Distribution for
+Flow-Based Generative Models"):
+    t = 0 is the prior sample x0, t = 1 is the data x1;
+    x_t = (1 - t) x0 + t x1 (+ sigma_min * eps),  target u = x1 - x0;
+    NFE = number of velocity-network evaluations per sample.
+A velocity network is called as model(x_t, t, cond) with t of shape (B,); `cond` is whatever the
+network takes (class labels, text embeddings) and this module never looks inside it.
+
+Contents: priors, interpolant and loss, couplings, samplers, measures, and the few training
+utilities that both trainers need (distributed setup, EMA, atomic checkpoints, RNG state, SD VAE).
+"""
+import importlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.optimize
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------------------------
+# Priors. Each prior is an nn.Module whose buffers are its statistics, so that `.to(device)`,
+# `state_dict()` and `load_state_dict()` work, and the statistics travel in every checkpoint.
+# sample(cond, noise) = mean(cond) + std(cond) * noise: passing `noise` in lets a caller draw it
+# with one seed per image (sample.py), so that samples do not depend on the batch size.
+
+
+class GaussianPrior(nn.Module):
+    """The CondOT baseline: x0 ~ N(0, I) whatever the condition."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.register_buffer("mean", torch.zeros(self.shape), persistent=False)
+
+    def sample(self, cond, noise=None):
+        """x0 = noise ~ N(0, I); `cond` (labels, or a tuple of tensors) only gives the batch size."""
+        if noise is None:
+            batch = len(cond if isinstance(cond, torch.Tensor) else cond[0])
+            noise = torch.randn(batch, *self.shape, device=self.mean.device)
+        return self.mean + noise
+
+
+class ClassPrior(nn.Module):
+    """x0 | c ~ N(m(c), sigma_c^2 I), with m(c) the mean of the training data of class c.
+
+    The means come from one pass over the data: `accumulate(x1, y)` on every batch, then
+    `finalize()`, which all-reduces the sums and counts when torch.distributed is initialised, so
+    every process ends with the means of the whole data set.
+
+    spread="fixed": sigma_c = sigma for every class (the paper).
+    spread="class": sigma_c = sigma * s_c, with s_c^2 the class's own variance per dimension
+    (mean over dimensions of the per-dimension variance), so wide classes get wide priors.
+    """
+
+    def __init__(self, num_classes, shape, sigma=1.0, spread="fixed"):
+        super().__init__()
+        if spread not in ("fixed", "class"):
+            raise ValueError(f"unknown prior spread {spread!r}: choose 'fixed' or 'class'")
+        self.shape, self.sigma, self.spread = tuple(shape), float(sigma), spread
+        dim = int(np.prod(shape))
+        # float64 sums: millions of latents are summed, float32 would lose digits.
+        self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("square_sums", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("means", torch.zeros(num_classes, *self.shape))
+        self.register_buffer("stds", torch.full((num_classes,), float(sigma)))
+
+    @property
+    def num_classes(self):
+        return self.counts.numel()
+
+    @torch.no_grad()
+    def accumulate(self, x1, y):
+        """Add a batch of data x1 (B, *shape) with labels y (B,) to the running sums."""
+        if tuple(x1.shape[1:]) != self.shape:
+            raise ValueError(f"data of shape {tuple(x1.shape[1:])} does not match prior shape {self.shape}")
+        if y.numel() and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        flat = x1.reshape(len(x1), -1).to(self.sums)
+        self.sums.index_add_(0, y.to(self.sums.device), flat)
+        self.square_sums.index_add_(0, y.to(self.sums.device), (flat**2).sum(1))
+        self.counts.index_add_(0, y.to(self.sums.device), torch.ones_like(flat[:, 0]))
+
+    @torch.no_grad()
+    def finalize(self):
+        """Turn the sums into means (and spreads); all-reduce them first under DDP."""
+        if dist.is_available() and dist.is_initialized():
+            for buffer in (self.sums, self.square_sums, self.counts):
+                dist.all_reduce(buffer)
+        empty = (self.counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"classes {empty[:10]} have no training data, so they have no mean")
+        counts = self.counts[:, None]
+        means = self.sums / counts
+        self.means.copy_(means.reshape(-1, *self.shape).to(self.means.dtype))
+        if self.spread == "class":
+            # E||x||^2 - ||E x||^2 = total variance; divide by dims for the per-dimension variance.
+            variance = (self.square_sums / self.counts - (means**2).sum(1)) / means.shape[1]
+            self.stds.copy_(self.sigma * variance.clamp_min(0).sqrt())
+        return self
+
+    def sample(self, y, noise=None):
+        """x0 = m(y) + sigma_y * noise, noise ~ N(0, I) unless given."""
+        if noise is None:
+            noise = torch.randn(len(y), *self.shape, device=self.means.device)
+        std = self.stds[y].reshape(-1, *([1] * len(self.shape)))
+        return self.means[y] + std * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpolant, target and loss.
+
+
+def sample_time(batch, schedule="uniform", device="cpu", generator=None):
+    """t in (0, 1): uniform, or logit-normal (sigmoid of N(0, 1)), which favours the middle."""
+    if schedule == "uniform":
+        return torch.rand(batch, device=device, generator=generator)
+    if schedule == "logit-normal":
+        return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
+    raise ValueError(f"unknown time schedule {schedule!r}: choose 'uniform' or 'logit-normal'")
+
+
+def interpolate(x0, x1, t, sigma_min=0.0):
+    """x_t = (1 - t) x0 + t x1 (+ sigma_min * eps); t has shape (B,)."""
+    t = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    x_t = (1 - t) * x0 + t * x1
+    if sigma_min > 0:
+        x_t = x_t + sigma_min * torch.randn_like(x_t)
+    return x_t
+
+
+def target_velocity(x0, x1):
+    """u = d x_t / dt = x1 - x0: the straight line from the prior sample to the data."""
+    return x1 - x0
+
+
+def flow_matching_loss(model, x0, x1, cond, schedule="uniform", sigma_min=0.0):
+    """E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, averaged over every element."""
+    t = sample_time(len(x1), schedule, device=x1.device)
+    v = model(interpolate(x0, x1, t, sigma_min), t, cond)
+    return (v.float() - target_velocity(x0, x1).float()).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Couplings: which prior sample x0 is paired with which data point x1. Each data point keeps its
+# condition; only the prior samples are re-ordered.
+
+
+def ot_permutation(x0, x1):
+    """perm such that pairing x0[perm[i]] with x1[i] minimises sum_i ||x0[perm[i]] - x1[i]||^2.
+
+    Exact assignment (Hungarian / Jonker-Volgenant via scipy), on squared Euclidean cost.
+    """
+    cost = torch.cdist(x1.reshape(len(x1), -1).double(), x0.reshape(len(x0), -1).double()) ** 2
+    rows, cols = scipy.optimize.linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(cols[np.argsort(rows)], device=x0.device)
+
+
+def couple(x0, x1, coupling="independent", groups=None):
+    """Re-order the prior samples x0 to pair them with the data x1.
+
+    independent: as drawn.  ot: minibatch exact optimal transport.
+    groups (B,) restricts OT to pairs within the same group. With a conditional prior every x0
+    belongs to its condition, so pass the labels: pairing across classes would silently turn the
+    class prior back into a mixture.
+    """
+    if coupling == "independent":
+        return x0
+    if coupling != "ot":
+        raise ValueError(f"unknown coupling {coupling!r}: choose 'independent' or 'ot'")
+    if groups is None:
+        return x0[ot_permutation(x0, x1)]
+    paired = x0.clone()
+    for group in groups.unique():
+        index = (groups == group).nonzero().flatten()
+        paired[index] = x0[index][ot_permutation(x0[index], x1[index])]
+    return paired
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-step samplers over t in [0, 1]: exactly `steps` steps of size 1/steps.
+# `velocity(x, t)` takes t of shape (B,) and returns dx/dt.
+
+
+def euler(velocity, x, steps, trajectory=False):
+    """x_{k+1} = x_k + h v(x_k, t_k). One evaluation per step."""
+    h, states = 1.0 / steps, [x]
+    for k in range(steps):
+        t = torch.full((len(x),), k * h, device=x.device)
+        x = x + h * velocity(x, t)
+        states.append(x)
+    return (x, torch.stack(states)) if trajectory else x
+
+
+def midpoint(velocity, x, steps, trajectory=False):
+    """x_{k+1} = x_k + h v(x_k + h/2 v(x_k, t_k), t_k + h/2). Two evaluations per step."""
+    h, states = 1.0 / steps, [x]
+    for k in range(steps):
+        t = torch.full((len(x),), k * h, device=x.device)
+        x_half = x + 0.5 * h * velocity(x, t)
+        x = x + h * velocity(x_half, t + 0.5 * h)
+        states.append(x)
+    return (x, torch.stack(states)) if trajectory else x
+
+
+SOLVERS = {"euler": (euler, 1), "midpoint": (midpoint, 2)}  # solver: (function, NFE per step)
+
+
+@dataclass
+class Solution:
+    x: torch.Tensor  # the sample at t = 1
+    nfe: int  # velocity evaluations counted while solving
+    trajectory: torch.Tensor = None  # (steps + 1, B, ...) states at t = 0, 1/steps, ..., 1
+
+
+def solve(velocity, x0, nfe, solver="euler", trajectory=False):
+    """Integrate dx/dt = velocity(x, t) from t = 0 to 1 with a budget of `nfe` evaluations."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose from {sorted(SOLVERS)}")
+    step_function, per_step = SOLVERS[solver]
+    if nfe < per_step or nfe % per_step:
+        raise ValueError(f"{solver} takes {per_step} evaluations per step, so NFE={nfe} is impossible")
+    calls = 0
+
+    def counted(x, t):
+        nonlocal calls
+        calls += 1
+        return velocity(x, t)
+
+    with torch.no_grad():
+        out = step_function(counted, x0, nfe // per_step, trajectory)
+    x, states = out if trajectory else (out, None)
+    return Solution(x, calls, states)
+
+
+def guided_velocity(model, cond, null_cond, scale=1.0):
+    """Classifier-free guidance: v = v_null + s (v_c - v_null), on all channels.
+
+    scale = 1 is the plain conditional velocity (one evaluation). Otherwise both branches go
+    through the network in one batch of 2B, which counts as one NFE per step as is usual.
+    """
+    if scale == 1.0:
+        return lambda x, t: model(x, t, cond)
+
+    def velocity(x, t):
+        both = model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, null_cond))
+        v_cond, v_null = both.chunk(2)
+        return v_null + scale * (v_cond - v_null)
+
+    return velocity
+
+
+def _cat_cond(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return type(a)(_cat_cond(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measures.
+
+
+def transport_cost(x0, x1):
+    """Mean over pairs of ||x1 - x0||^2, summed over dimensions."""
+    return (x1 - x0).reshape(len(x1), -1).pow(2).sum(1).mean().item()
+
+
+def straightness(trajectory):
+    """Mean over trajectories of int_0^1 ||v(x_t, t) - (x_1 - x_0)||^2 dt; 0 for straight paths.
+
+    Computed on the solver's own states (steps + 1, B, ...): the velocity on step k is the
+    displacement (x_{k+1} - x_k) / h, exactly the evaluated velocity for Euler.
+    """
+    steps = len(trajectory) - 1
+    flat = trajectory.reshape(steps + 1, trajectory.shape[1], -1).double()
+    velocities = (flat[1:] - flat[:-1]) * steps
+    chord = flat[-1] - flat[0]
+    return ((velocities - chord).pow(2).sum(-1).mean(0)).mean().item()
+
+
+def gaussian_statistics(features):
+    """Mean and covariance of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the FID formula, in float64.
+
+    Tr (C1 C2)^(1/2) = sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    C1^(1/2) C2 C1^(1/2), which has the same spectrum as C1 C2. Two symmetric eigendecompositions
+    are faster and steadier than a general matrix square root, and need no ridge when C1 C2 is
+    singular (tiny negative eigenvalues from round-off are clipped to 0).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape:
+        raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    values, vectors = np.linalg.eigh(cov1)
+    root1 = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    trace_root = np.sqrt(np.linalg.eigvalsh(root1 @ cov2 @ root1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training utilities shared by train_class.py and train_text.py.
+
+
+def setup_distributed():
+    """(rank, world_size, device). Under torchrun (RANK set): NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])  # device from LOCAL_RANK: multi-node safe
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1 - decay)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """Every random generator's state, to be saved in checkpoints for exact resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def require(module, pip_name=None):
+    """Import an optional dependency, or stop with one line that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"error: this needs the optional package {pip_name or module}: pip install {pip_name or module}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent space: the Stable Diffusion VAE (Rombach et al.), as in Dao et al., "Flow Matching in
+# Latent Space". 64x64 RGB images in [-1, 1] become 4x8x8 latents.
+
+VAE_SCALE = 0.18215  # SD's latent scale factor: makes the latents roughly unit variance
+VAE_NAMES = {"sd-ema": "stabilityai/sd-vae-ft-ema", "sd-mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def load_vae(name, device="cpu"):
+    """AutoencoderKL from diffusers: 'sd-ema', 'sd-mse', or a local folder saved by diffusers."""
+    diffusers = require("diffusers")
+    source = VAE_NAMES.get(name, name)
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(source)
+    except Exception as error:  # diffusers raises several types for missing weights / no network
+        raise SystemExit(f"error: cannot load the VAE {source!r} ({type(error).__name__}); "
+                         "download it once with network access or pass a local folder") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def vae_encode(vae, images):
+    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), one posterior sample."""
+    return vae.encode(images).latent_dist.sample() * VAE_SCALE
+
+
+@torch.no_grad()
+def vae_decode(vae, latents):
+    """Scaled latents -> images in [-1, 1]."""
+    return vae.decode(latents / VAE_SCALE).sample.clamp(-1, 1)
