@@ -1,0 +1,333 @@
+"""The shared module against closed forms, brute force and statistics."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flow
+
+# ---------------------------------------------------------------------------------------------
+# Interpolant, target, loss, time.
+
+
+def test_interpolant_matches_closed_form_and_its_derivative_is_the_target():
+    x0, x1 = torch.randn(5, 3, 2), torch.randn(5, 3, 2)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], requires_grad=True)
+    x_t = flow.interpolate(x0, x1, t)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(x_t[i], (1 - ti) * x0[i] + ti * x1[i])
+    torch.testing.assert_close(x_t[0], x0[0]), torch.testing.assert_close(x_t[-1], x1[-1])
+    # d x_t / dt, coordinate by coordinate, equals u = x1 - x0.
+    derivative = torch.autograd.grad(x_t[:, 1, 0].sum(), t)[0]
+    torch.testing.assert_close(derivative, flow.target_velocity(x0, x1)[:, 1, 0])
+
+
+def test_interpolant_noise_has_std_sigma_min():
+    x = torch.zeros(200_000, 1)
+    noisy = flow.interpolate(x, x, torch.full((200_000,), 0.5), sigma_min=0.1)
+    assert abs(noisy.std().item() - 0.1) < 0.002
+
+
+def test_loss_is_zero_for_the_oracle_and_the_mean_square_target_for_zero():
+    x0, x1 = torch.randn(64, 4), torch.randn(64, 4)
+    oracle = lambda x, t, cond: cond  # noqa: E731 -- cond carries the true target here
+    assert flow.flow_matching_loss(oracle, x0, x1, x1 - x0).item() < 1e-12
+    zero = lambda x, t, cond: torch.zeros_like(x)  # noqa: E731
+    loss = flow.flow_matching_loss(zero, x0, x1, None)
+    assert loss.item() == pytest.approx((x1 - x0).pow(2).mean().item(), rel=1e-6)
+
+
+def test_loss_sees_x_t_on_the_straight_line_at_the_sampled_time():
+    x0, x1 = torch.zeros(8, 2), torch.ones(8, 2)
+    seen = {}
+
+    def model(x, t, cond):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    flow.flow_matching_loss(model, x0, x1, None)
+    torch.testing.assert_close(seen["x"], seen["t"][:, None].expand(8, 2))
+
+
+def test_time_schedules():
+    torch.manual_seed(0)
+    uniform = flow.sample_time(100_000)
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.005
+    logit = torch.logit(flow.sample_time(100_000, "logit-normal").double())
+    assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1) < 0.02  # logit(t) ~ N(0, 1)
+    with pytest.raises(ValueError, match="unknown time schedule"):
+        flow.sample_time(3, "cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers against analytic velocity fields.
+
+
+def test_euler_is_exact_for_a_constant_field_and_takes_exactly_n_steps():
+    velocity = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731; x(1) = x0 + 2
+    for nfe in (1, 3, 8):
+        solution = flow.solve(velocity, torch.zeros(4, 2), nfe, "euler", trajectory=True)
+        torch.testing.assert_close(solution.x, torch.full((4, 2), 2.0))  # N + 1 steps would give 2 + 2/N
+        assert solution.nfe == nfe and len(solution.trajectory) == nfe + 1
+        torch.testing.assert_close(solution.trajectory[:, 0, 0], torch.linspace(0, 2, nfe + 1))
+
+
+def test_midpoint_is_exact_for_a_field_linear_in_time_and_euler_is_not():
+    velocity = lambda x, t: (1.0 + 6.0 * t)[:, None].expand_as(x)  # noqa: E731; x(1) = x0 + 1 + 3
+    for steps in (1, 2, 5):
+        midpoint = flow.solve(velocity, torch.zeros(3, 1), 2 * steps, "midpoint")
+        torch.testing.assert_close(midpoint.x, torch.full((3, 1), 4.0))
+        assert midpoint.nfe == 2 * steps
+        euler = flow.solve(velocity, torch.zeros(3, 1), steps, "euler").x
+        # Left Riemann sum of 1 + 6t misses 6 * h / 2 = 3 / N.
+        torch.testing.assert_close(euler, torch.full((3, 1), 4.0 - 3.0 / steps))
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("midpoint", 2)])
+def test_convergence_order_on_exponential_growth(solver, order):
+    velocity = lambda x, t: x  # noqa: E731; x(1) = e * x0
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    errors = [abs(flow.solve(velocity, x0, n * flow.SOLVERS[solver][1], solver).x.item() - math.e) for n in (16, 32, 64)]
+    rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(rate - order) < 0.1 for rate in rates), rates
+
+
+def test_solve_rejects_impossible_budgets_and_unknown_solvers():
+    velocity = lambda x, t: x  # noqa: E731
+    with pytest.raises(ValueError, match="NFE=3 is impossible"):
+        flow.solve(velocity, torch.zeros(1, 1), 3, "midpoint")
+    with pytest.raises(ValueError, match="NFE=0 is impossible"):
+        flow.solve(velocity, torch.zeros(1, 1), 0, "euler")
+    with pytest.raises(ValueError, match="unknown solver"):
+        flow.solve(velocity, torch.zeros(1, 1), 2, "heun")
+
+
+def test_guidance_combines_branches_on_all_channels():
+    calls = []
+
+    def model(x, t, cond):  # v = cond on every channel; the null condition is 0
+        calls.append(len(x))
+        return cond[:, None].float().expand_as(x)
+
+    x, t = torch.zeros(2, 3), torch.zeros(2)
+    cond, null = torch.tensor([1, 2]), torch.tensor([0, 0])
+    guided = flow.guided_velocity(model, cond, null, scale=3.0)(x, t)
+    torch.testing.assert_close(guided, torch.tensor([[3.0] * 3, [6.0] * 3]))  # 0 + 3 (c - 0)
+    assert calls == [4]  # both branches in one batch
+    calls.clear()
+    plain = flow.guided_velocity(model, cond, null, scale=1.0)(x, t)
+    torch.testing.assert_close(plain, torch.tensor([[1.0] * 3, [2.0] * 3]))
+    assert calls == [2]
+
+
+def test_guidance_concatenates_tuple_conditions():
+    model = lambda x, t, cond: (cond[0] * cond[1])[:, None].expand_as(x)  # noqa: E731
+    cond, null = (torch.tensor([2.0]), torch.tensor([3.0])), (torch.tensor([1.0]), torch.tensor([1.0]))
+    v = flow.guided_velocity(model, cond, null, scale=2.0)(torch.zeros(1, 2), torch.zeros(1))
+    torch.testing.assert_close(v, torch.full((1, 2), 1.0 + 2.0 * (6.0 - 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Couplings against brute force.
+
+
+def brute_force_cost(x0, x1):
+    return min(sum(((x0[p] - x1[i]) ** 2).sum().item() for i, p in enumerate(perm)) for perm in itertools.permutations(range(len(x1))))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ot_permutation_is_the_brute_force_optimum(seed):
+    generator = torch.Generator().manual_seed(seed)
+    x0, x1 = torch.randn(6, 2, 2, generator=generator), torch.randn(6, 2, 2, generator=generator)
+    paired = flow.couple(x0, x1, "ot")
+    assert sorted(map(tuple, paired.reshape(6, -1).tolist())) == sorted(map(tuple, x0.reshape(6, -1).tolist()))
+    assert ((paired - x1) ** 2).sum().item() == pytest.approx(brute_force_cost(x0, x1), rel=1e-6)
+    assert flow.transport_cost(paired, x1) <= flow.transport_cost(x0, x1) + 1e-9
+
+
+def test_grouped_ot_pairs_only_within_groups_and_is_optimal_in_each():
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.tensor([0, 1, 0, 1, 0, 1, 2, 0])
+    x0, x1 = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+    x0[groups == 1] += 10  # a cross-group pairing would be tempting for group 1... and forbidden
+    paired = flow.couple(x0, x1, "ot", groups=groups)
+    for g in groups.unique():
+        members = groups == g
+        assert sorted(paired[members].tolist()) == sorted(x0[members].tolist())
+        assert ((paired[members] - x1[members]) ** 2).sum().item() == pytest.approx(brute_force_cost(x0[members], x1[members]), rel=1e-6)
+
+
+def test_independent_coupling_keeps_the_draw_and_unknown_coupling_fails():
+    x0, x1 = torch.randn(4, 2), torch.randn(4, 2)
+    assert flow.couple(x0, x1, "independent") is x0
+    with pytest.raises(ValueError, match="unknown coupling"):
+        flow.couple(x0, x1, "sinkhorn")
+
+
+# ---------------------------------------------------------------------------------------------
+# Priors, statistically.
+
+
+def make_classes(n=30_000, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    centres = torch.tensor([[3.0, 0.0], [0.0, -2.0], [1.0, 1.0]])
+    scales = torch.tensor([0.5, 1.0, 2.0])
+    return centres[y] + scales[y, None] * torch.randn(n, 2, generator=generator), y, centres, scales
+
+
+def test_class_means_are_the_per_class_means_streamed_or_not():
+    x, y, _, _ = make_classes()
+    one_pass = flow.ClassPrior(3, (2,)).to(torch.float64)
+    one_pass.accumulate(x, y)
+    one_pass.finalize()
+    streamed = flow.ClassPrior(3, (2,))
+    for xs, ys in zip(x.split(999), y.split(999)):
+        streamed.accumulate(xs, ys)
+    streamed.finalize()
+    for c in range(3):
+        expected = x[y == c].double().mean(0)
+        torch.testing.assert_close(streamed.means[c].double(), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(one_pass.means[c], expected, atol=1e-12, rtol=0)
+
+
+def test_class_prior_samples_have_mean_m_c_and_std_sigma():
+    x, y, centres, _ = make_classes()
+    prior = flow.ClassPrior(3, (2,), sigma=0.3)
+    prior.accumulate(x, y)
+    prior.finalize()
+    labels = torch.full((40_000,), 2)
+    x0 = prior.sample(labels)
+    standard_error = 0.3 / math.sqrt(40_000)
+    assert (x0.mean(0) - prior.means[2]).abs().max() < 5 * standard_error
+    assert (x0.std(0) - 0.3).abs().max() < 0.01
+    assert (prior.means - centres).abs().max() < 0.05  # data means are near the true centres
+
+
+def test_per_class_spread_is_sigma_times_the_class_std():
+    x, y, _, scales = make_classes()
+    prior = flow.ClassPrior(3, (2,), sigma=0.5, spread="class")
+    prior.accumulate(x, y)
+    prior.finalize()
+    for c in range(3):
+        per_dimension_variance = x[y == c].double().var(0, unbiased=False).mean()
+        assert prior.stds[c].item() == pytest.approx(0.5 * per_dimension_variance.sqrt().item(), rel=1e-4)
+    torch.testing.assert_close(prior.stds, 0.5 * scales, atol=0.02, rtol=0)
+    assert prior.sample(torch.full((20_000,), 2)).std(0).sub(1.0).abs().max() < 0.03
+
+
+def test_class_prior_uses_given_noise_and_round_trips_through_state_dict():
+    x, y, _, _ = make_classes(3000)
+    prior = flow.ClassPrior(3, (2,), sigma=0.3)
+    prior.accumulate(x, y)
+    prior.finalize()
+    noise = torch.randn(3, 2)
+    labels = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(prior.sample(labels, noise), prior.means + 0.3 * noise)
+    restored = flow.ClassPrior(3, (2,), sigma=0.3)
+    restored.load_state_dict(prior.state_dict())
+    torch.testing.assert_close(restored.sample(labels, noise), prior.sample(labels, noise))
+
+
+def test_class_prior_errors_name_the_problem():
+    prior = flow.ClassPrior(3, (2,))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        prior.accumulate(torch.zeros(2, 2), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="does not match prior shape"):
+        prior.accumulate(torch.zeros(2, 3), torch.tensor([0, 1]))
+    prior.accumulate(torch.zeros(2, 2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"classes \[2\] have no training data"):
+        prior.finalize()
+    with pytest.raises(ValueError, match="unknown prior spread"):
+        flow.ClassPrior(3, (2,), spread="wide")
+
+
+def test_gaussian_prior_is_standard_normal():
+    x0 = flow.GaussianPrior((2, 3)).sample(torch.zeros(50_000))
+    assert x0.shape == (50_000, 2, 3)
+    assert x0.mean().abs() < 0.01 and (x0.std() - 1).abs() < 0.01
+    noise = torch.randn(2, 2, 3)
+    torch.testing.assert_close(flow.GaussianPrior((2, 3)).sample((torch.zeros(2), None), noise), noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measures.
+
+
+def test_transport_cost_sums_dimensions_and_averages_pairs():
+    x0 = torch.zeros(2, 2, 2)
+    x1 = torch.stack([torch.ones(2, 2), 2 * torch.ones(2, 2)])
+    assert flow.transport_cost(x0, x1) == pytest.approx((4 * 1 + 4 * 4) / 2)
+
+
+def test_straightness_is_zero_for_lines_and_exact_for_a_parabola():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    line = torch.stack([t, 3 * t], -1)[:, None]  # (steps + 1, B = 1, 2)
+    assert flow.straightness(line) == pytest.approx(0, abs=1e-20)
+    parabola = torch.stack([t, t**2], -1)[:, None]
+    # Step velocities are (1, (2k + 1) / N), chord (1, 1): mean of ((2k + 1 - N) / N)^2 = (1 - 1/N^2) / 3.
+    assert flow.straightness(parabola) == pytest.approx((1 - 1 / 100**2) / 3, rel=1e-9)
+
+
+def test_straightness_of_euler_paths_uses_the_evaluated_velocities():
+    velocity = lambda x, t: torch.stack([torch.ones_like(t), 2 * t], -1)  # noqa: E731; v - chord = (0, 2t - 1)
+    solution = flow.solve(velocity, torch.zeros(5, 2, dtype=torch.float64), 1000, "euler", trajectory=True)
+    assert flow.straightness(solution.trajectory) == pytest.approx(1 / 3, rel=1e-2)
+
+
+def test_frechet_distance_closed_forms():
+    assert flow.frechet_distance(0.0, 1.0, 1.0, 4.0) == pytest.approx(1 + 1 + 4 - 2 * 2)
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert flow.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]  # same in any basis
+    rotated = flow.frechet_distance(rotation @ mu1, rotation @ np.diag(a) @ rotation.T, rotation @ mu2, rotation @ np.diag(b) @ rotation.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_matches_pytorch_fid_and_survives_singular_covariances():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score", reason="pytorch-fid is a test dependency")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 40)), rng.normal(size=(300, 40)) * 1.5 + 0.3
+    stats = (*flow.gaussian_statistics(a), *flow.gaussian_statistics(b))
+    assert flow.frechet_distance(*stats) == pytest.approx(fid_score.calculate_frechet_distance(*stats), rel=1e-9)
+    low_rank = rng.normal(size=(20, 40))  # 20 samples in 40 dims: rank-deficient covariance
+    mu, cov = flow.gaussian_statistics(low_rank)
+    assert abs(flow.frechet_distance(mu, cov, mu, cov)) < 1e-7 * np.trace(cov)  # 0 up to round-off
+    with pytest.raises(ValueError, match="different sizes"):
+        flow.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training utilities.
+
+
+def test_update_ema_is_the_closed_form_blend():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = [p.clone() for p in ema.parameters()]
+    flow.update_ema(ema, model, decay=0.9)
+    for old, new, target in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * target)
+
+
+def test_save_atomic_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    flow.save_atomic({"step": 3}, path)
+    assert torch.load(path)["step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_rng_state_round_trip_repeats_every_generator():
+    import random
+
+    state = flow.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    flow.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_require_names_the_missing_package():
+    with pytest.raises(SystemExit, match="pip install no-such-package"):
+        flow.require("no_such_module_xyz", "no-such-package")
