@@ -1,0 +1,648 @@
+"""Class-conditional flow matching with the class prior, in one file: the ImageNet-64 experiment.
+
+Trains a velocity network v_theta(x_t, t, c) by flow matching from a prior to the data (t = 0 is
+the prior sample x0, t = 1 the data x1). The prior is either N(0, I) (CondOT) or the class prior
+of Issachar et al. (TMLR 2025), x0 | c ~ N(m(c), sigma^2 I) with m(c) the mean of the training
+latents of class c; prior samples are paired with the data as drawn or by minibatch optimal
+transport (within a class when the prior is conditional). Real images are encoded once by the
+Stable Diffusion VAE and training runs on the cached 4x8x8 latents (Dao et al., "Flow Matching in
+Latent Space"); the built-in scikit-learn digits train on pixels, offline, on a CPU in minutes.
+
+Run (single process, CPU or one GPU; with no arguments: the built-in digits, class prior):
+    python train_class.py
+    python train_class.py --prior gaussian --coupling ot --out runs/digits-batchot
+One node, 8 GPUs (ImageNet-64 from the official npz release in DATA_DIR; DiT-B/2 with DiT's optimiser
+settings, since the paper's own training configuration is not public):
+    torchrun --standalone --nproc_per_node=8 train_class.py --data DATA_DIR --vae sd-ema \\
+        --latent-cache runs/in64-latents --model B --prior class --prior-sigma 0.5 \\
+        --global-batch 256 --lr 1e-4 --warmup-steps 5000 --ema-decay 0.9999 --steps 400000 \\
+        --cfg-dropout 0.1 --log-every 100 --sample-every 10000 --ckpt-every 50000 --out runs/in64-class
+Two nodes (run on each node with its rank):
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
+        train_class.py ...same options...
+Resume an interrupted run from the latest checkpoint in --out: the same command plus --resume.
+
+Outputs in --out: args.json (resolved arguments), log.jsonl (step, loss, lr, images/s, transport
+cost, gradient norm), checkpoints/step_XXXXXXX.pt, samples/step_XXXXXXX_nfe_N.png (EMA weights,
+one row per class). sample.py loads the checkpoints through load_for_sampling() below.
+
+Why a DiT (Peebles & Xie, 2023) rather than an ADM UNet: on 8x8 latents a patch-2 transformer sees
+16 tokens, so it is small and fast; adaLN-zero conditioning on (time + class) starts every block
+as the identity, which trains stably; and its size presets (S, B, L) are the ones latent
+flow-matching papers report, so results compare. It is also short enough to read in one screen.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import time
+import types
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+import flow
+
+BUILTIN_DIGITS = "builtin-digits"
+# Arguments that define the model, the method and the data: a checkpoint made with other values
+# cannot be resumed. Everything else (steps, logging, batch cap, compile) may change on resume.
+CONFIG_KEYS = ("data", "vae", "image_size", "model", "prior", "prior_sigma", "prior_spread", "coupling",
+               "cfg_dropout", "cfg_null_prior", "global_batch", "lr", "weight_decay", "warmup_steps",
+               "grad_clip", "ema_decay", "seed")
+
+# ----------------------------------------------------------------------------------------------
+# Data. Everything becomes (x, y): x (N, C, H, W), either uint8 pixels (0..255) or float model
+# inputs (latents, or digits already in [-1, 1]), and y (N,) int64 labels in [0, num_classes).
+
+
+def load_digits_train():
+    """scikit-learn digits, 1x8x8 in [-1, 1] (x / 8 - 1); index % 5 == 0 is held out for tests."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.arange(len(digits.target)) % 5 != 0
+    x = torch.as_tensor(digits.images[keep], dtype=torch.float32)[:, None] / 8 - 1  # (N, 1, 8, 8)
+    return x, torch.as_tensor(digits.target[keep], dtype=torch.int64), 10
+
+
+def imagenet_npz_files(path):
+    """The official Downsampled ImageNet release: train_data_batch_1..10 (with or without .npz)."""
+    if os.path.isfile(path):
+        return [path]
+    files = sorted(glob.glob(os.path.join(path, "train_data_batch_*")),
+                   key=lambda name: int("".join(filter(str.isdigit, os.path.basename(name))) or 0))
+    return files
+
+
+def read_imagenet_npz(path):
+    """One npz batch -> uint8 (N, 3, S, S) images and labels 0..999 (the files store 1..1000)."""
+    try:
+        with np.load(path) as batch:
+            data, labels = batch["data"], np.asarray(batch["labels"], dtype=np.int64)
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"error: {path} is not a Downsampled ImageNet npz batch with 'data' and 'labels' "
+                         f"({type(error).__name__}: {error})") from None
+    side = int(round(math.sqrt(data.shape[-1] / 3))) if data.ndim == 2 else 0
+    if data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1] or len(labels) != len(data):
+        raise SystemExit(f"error: {path}: 'data' is {data.dtype} {data.shape} with {len(labels)} labels, "
+                         "expected uint8 (N, 3*S*S) and N labels")
+    if labels.min() < 1 or labels.max() > 1000:
+        raise SystemExit(f"error: {path}: labels must lie in 1..1000, got {labels.min()}..{labels.max()}")
+    images = torch.from_numpy(data).reshape(-1, 3, side, side)  # the release stores CHW, flattened
+    return images, torch.from_numpy(labels - 1)
+
+
+def image_folder(path, image_size):
+    """torchvision ImageFolder (one folder per class), resized and centre-cropped to image_size."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
+    try:
+        return datasets.ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f"error: {path} is not an image folder with one subfolder per class ({error})") from None
+
+
+def image_batches(args, rank, world_size, batch_size=256):
+    """Yield (uint8 images (B, 3, S, S), labels) of this rank's share, and return num_classes."""
+    files = imagenet_npz_files(args.data)
+    if files:
+        def batches():
+            for path in files[rank::world_size]:
+                images, labels = read_imagenet_npz(path)
+                yield from zip(images.split(batch_size), labels.split(batch_size))
+        return batches(), 1000
+    dataset = image_folder(args.data, args.image_size)
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=min(8, os.cpu_count()))
+    return iter(loader), len(dataset.classes)
+
+
+def load_pixels(args):
+    """All images in memory as uint8 (for --vae none); every rank reads the whole set."""
+    batches, num_classes = image_batches(args, rank=0, world_size=1)
+    images, labels = zip(*batches)
+    return torch.cat(images), torch.cat(labels), num_classes
+
+
+def encode_to_cache(args, cache, rank, world_size, device):
+    """Encode every image and its mirror image once with the VAE; each rank writes its share."""
+    vae = flow.load_vae(args.vae, device)
+    torch.manual_seed(args.seed + rank)  # the posterior sample of each latent is reproducible
+    batches, num_classes = image_batches(args, rank, world_size)
+    latents, labels = [], []
+    for images, y in tqdm(batches, desc="encode", disable=rank != 0):
+        images = images.to(device).float() / 127.5 - 1
+        for view in (images, images.flip(-1)):  # horizontal flips, cached as extra examples
+            latents.append(flow.vae_encode(vae, view).float().cpu())
+            labels.append(y)
+    if latents:  # a rank may get no share (more processes than npz files)
+        np.save(os.path.join(cache, f"latents_rank{rank}.npy"), torch.cat(latents).numpy())
+        np.save(os.path.join(cache, f"labels_rank{rank}.npy"), torch.cat(labels).numpy())
+    return num_classes
+
+
+def load_latents(args, rank, world_size, device):
+    """Latents from the cache, encoding them first if the cache is not complete."""
+    cache = args.latent_cache or os.path.join(args.out, "latents")
+    info_path = os.path.join(cache, "info.json")
+    wanted = {"data": os.path.abspath(args.data), "vae": args.vae, "image_size": args.image_size}
+    if not os.path.isfile(info_path):
+        os.makedirs(cache, exist_ok=True)
+        num_classes = encode_to_cache(args, cache, rank, world_size, device)
+        barrier()
+        if rank == 0:
+            info = dict(wanted, num_classes=num_classes, world_size=world_size)
+            save_json(info, info_path)  # written last: its presence marks a complete cache
+        barrier()
+    with open(info_path) as file:
+        info = json.load(file)
+    if any(info[key] != value for key, value in wanted.items()):
+        raise SystemExit(f"error: latent cache {cache} was made from {info}, not {wanted}: pass another --latent-cache")
+    parts = [r for r in range(info["world_size"]) if os.path.isfile(os.path.join(cache, f"labels_rank{r}.npy"))]
+    x = np.concatenate([np.load(os.path.join(cache, f"latents_rank{r}.npy")) for r in parts])
+    y = np.concatenate([np.load(os.path.join(cache, f"labels_rank{r}.npy")) for r in parts])
+    return torch.from_numpy(x), torch.from_numpy(y), info["num_classes"]
+
+
+def load_data(args, rank, world_size, device):
+    """(x, y, num_classes) for --data and --vae; x as described at the top of this section."""
+    if args.data == BUILTIN_DIGITS:
+        if args.vae != "none":
+            raise SystemExit("error: the built-in digits are 8x8 gray pixels: use --vae none")
+        return load_digits_train()
+    if not os.path.exists(args.data):
+        raise SystemExit(f"error: data path {args.data} does not exist")
+    if args.vae == "none":
+        return load_pixels(args)
+    return load_latents(args, rank, world_size, device)
+
+
+def to_model_space(x):
+    """uint8 pixels -> [-1, 1]; float data (latents, digits) is already what the model sees."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+class BatchOrder:
+    """Which data indices form global batch `step`: one random permutation per epoch (seeded by
+    the seed and the epoch, the same on every rank), read in order. A function of the step alone,
+    so a resumed run reads exactly the batches the uninterrupted run would have read, and the same
+    for any number of processes; each rank then takes its contiguous slice (DistributedSampler-like)."""
+
+    def __init__(self, size, global_batch, seed):
+        self.size, self.global_batch, self.seed = size, global_batch, seed
+        self.cached_epoch, self.cached_permutation = None, None
+
+    def permutation(self, epoch):
+        if epoch != self.cached_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.cached_epoch, self.cached_permutation = epoch, torch.randperm(self.size, generator=generator)
+        return self.cached_permutation
+
+    def indices(self, step, rank, world_size):
+        per_rank = self.global_batch // world_size
+        start = step * self.global_batch + rank * per_rank
+        positions = torch.arange(start, start + per_rank)
+        return torch.stack([self.permutation(int(p) // self.size)[int(p) % self.size] for p in positions])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
+
+MODELS = {  # name: width, depth, heads, patch size
+    "tiny": dict(width=64, depth=4, heads=4, patch=2),  # built-in 8x8 digits on a CPU
+    "S": dict(width=384, depth=12, heads=6, patch=2),  # DiT-S/2
+    "B": dict(width=768, depth=12, heads=12, patch=2),  # DiT-B/2
+    "L": dict(width=1024, depth=24, heads=16, patch=2),  # DiT-L/2
+}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def time_embedding(t, dim, max_period=10_000):
+    """Sinusoidal features of t in [0, 1], scaled by 1000 so the frequencies match DiT's steps."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000 * t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention and MLP, each modulated and gated by the conditioning (adaLN-zero)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def attention(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """v_theta(x_t, t, y): x_t (B, C, H, W), t (B,) in [0, 1], y (B,) labels; y = num_classes is the
+    null label of classifier-free guidance."""
+
+    def __init__(self, latent_shape, num_classes, width, depth, heads, patch):
+        super().__init__()
+        channels, height, width_pixels = latent_shape
+        if height % patch or width_pixels % patch:
+            raise SystemExit(f"error: latents of size {height}x{width_pixels} cannot be cut into {patch}x{patch} patches")
+        self.patch, self.grid = patch, (height // patch, width_pixels // patch)
+        self.embed_patches = nn.Linear(patch * patch * channels, width)
+        self.position = nn.Parameter(0.02 * torch.randn(1, self.grid[0] * self.grid[1], width))
+        self.embed_time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.embed_class = nn.Embedding(num_classes + 1, width)  # + 1: the null class
+        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, patch * patch * channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed_class.weight, std=0.02)
+        for layer in self.embed_time:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-zero: every block's gates and the output layer start at zero, so the network starts
+        # as the identity on the residual stream and predicts v = 0.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.adaLN_out[-1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        h, w = self.grid
+        tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch, q=self.patch)
+        tokens = self.embed_patches(tokens) + self.position  # (B, N, D)
+        c = self.embed_time(time_embedding(t, 256)) + self.embed_class(y)  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
+        tokens = self.out(modulate(self.norm_out(tokens), shift, scale))
+        return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)
+
+
+def build_model(args):
+    return DiT(tuple(args.latent_shape), args.num_classes, **MODELS[args.model])
+
+
+def build_prior(args):
+    if args.prior == "gaussian":
+        return flow.GaussianPrior(args.latent_shape)
+    return flow.ClassPrior(args.num_classes, args.latent_shape, sigma=args.prior_sigma, spread=args.prior_spread)
+
+
+@torch.no_grad()
+def fit_class_prior(prior, x, y, rank, world_size, device, chunk=4096):
+    """m(c) = mean of the training latents of class c: one streamed pass, each rank over its
+    share of the data, all-reduced inside finalize() so every rank ends with the same means."""
+    mine = torch.arange(rank, len(x), world_size)
+    for index in mine.split(chunk):
+        prior.accumulate(to_model_space(x[index]).to(device), y[index].to(device))
+    try:
+        return prior.finalize()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_json(obj, path):
+    with open(f"{path}.tmp", "w") as file:
+        json.dump(obj, file, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def learning_rate(step, args):
+    """Linear warmup to --lr, then constant (as DiT): the schedule does not depend on --steps,
+    so a run can be extended by resuming with a larger --steps."""
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+
+
+def ema_decay(step, args):
+    """--ema-decay, warmed up as (1 + step) / (10 + step): without it the EMA of a short run is
+    mostly the zero-initialised network (0.999^1000 = 37% of it after 1000 steps)."""
+    return min(args.ema_decay, (1 + step) / (10 + step))
+
+
+def sample_pairs(prior, x1, y, args):
+    """Prior samples x0 paired with the data x1, and the labels the network sees.
+
+    Classifier-free guidance: each label is dropped to the null class with probability
+    --cfg-dropout. The dropped sample's x0 comes from the prior of a random class drawn by class
+    frequency (--cfg-null-prior mixture: the marginal prior, so v_null is the unconditional flow) or
+    from its own class prior (class). With `class` the null branch can read the class off where x_t
+    lies, so v_null ~ v_c and guidance has little to amplify: on the digits guidance then barely
+    changes the samples, while with `mixture` it improves FD at NFE 4 (docs/train_class.md).
+    """
+    dropped = torch.rand(len(y), device=y.device) < args.cfg_dropout
+    prior_labels = y
+    if args.prior == "class" and args.cfg_null_prior == "mixture" and args.cfg_dropout > 0:
+        random_classes = torch.multinomial(prior.counts.float(), len(y), replacement=True).to(y.device)
+        prior_labels = torch.where(dropped, random_classes, y)
+    x0 = prior.sample(prior_labels)
+    # With the class prior each x0 belongs to its class: OT may only re-pair within a class.
+    x0 = flow.couple(x0, x1, args.coupling, groups=prior_labels if args.prior == "class" else None)
+    labels = torch.where(dropped, torch.full_like(y, args.num_classes), y)
+    return x0, labels
+
+
+def train_step(step, model, forward, optimizer, prior, x, y, order, args, rank, world_size, device):
+    """One optimizer step on global batch `step`, accumulated over micro-batches of at most
+    --max-batch-per-gpu; returns (loss, transport cost, gradient norm) of this rank."""
+    index = order.indices(step, rank, world_size)
+    micro_batches = index.split(args.max_batch_per_gpu)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total_loss = total_cost = 0.0
+    for i, micro in enumerate(micro_batches):
+        x1, labels = to_model_space(x[micro]).to(device), y[micro].to(device)
+        x0, cond = sample_pairs(prior, x1, labels, args)  # OT pairs within each micro-batch
+        # DDP all-reduces gradients only on the last micro-batch.
+        sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
+        with sync:
+            with autocast:  # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
+                loss = flow.flow_matching_loss(forward, x0, x1, cond)
+            (loss * len(micro) / len(index)).backward()  # the mean over this rank's whole batch
+        total_loss += loss.item() * len(micro) / len(index)
+        total_cost += flow.transport_cost(x0, x1) * len(micro) / len(index)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, args)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # clip BEFORE the step
+    if not (math.isfinite(total_loss) and torch.isfinite(grad_norm)):
+        raise SystemExit(f"error: non-finite loss {total_loss} or gradient norm at step {step + 1}; "
+                         f"nothing saved for this step, the last checkpoint in {args.out}/checkpoints is intact")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, total_cost, grad_norm.item()
+
+
+def checkpoint_paths(out):
+    return sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pt")))
+
+
+def load_checkpoint(path):
+    """Checkpoints are our own trusted files: they hold NumPy RNG states, so weights_only=False."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file raises many types
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
+
+
+def gather_rng_states(world_size):
+    """Every rank's RNG state (their noise differs), gathered so rank 0 can save them all."""
+    states = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, flow.rng_state())
+        return states
+    return [flow.rng_state()]
+
+
+def save_checkpoint(args, step, model, ema, optimizer, prior, rank, world_size):
+    rng = gather_rng_states(world_size)
+    if rank == 0:
+        checkpoint = {"kind": "class", "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
+                      "opt": optimizer.state_dict(), "step": step, "prior": prior.state_dict(), "rng": rng}
+        flow.save_atomic(checkpoint, os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt"))
+
+
+def resume(args, model, ema, optimizer, rank, world_size):
+    """Load the latest checkpoint in --out; return its step (0 if there is none)."""
+    paths = checkpoint_paths(args.out)
+    if not paths:
+        return 0
+    checkpoint = load_checkpoint(paths[-1])
+    saved = checkpoint.get("args", {})
+    for key in CONFIG_KEYS + ("num_classes", "latent_shape"):
+        if saved.get(key) != getattr(args, key):
+            raise SystemExit(f"error: {paths[-1]} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
+                             f"not {getattr(args, key)!r}: use another --out or the same options")
+    model.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["opt"])
+    if len(checkpoint["rng"]) == world_size:
+        flow.set_rng_state(checkpoint["rng"][rank])
+    elif rank == 0:
+        print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: same data order, new noise")
+    return checkpoint["step"]
+
+
+def trim_log(path, step):
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if os.path.isfile(path):
+        with open(path) as file:
+            lines = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as file:
+            file.writelines(lines)
+
+
+@torch.no_grad()
+def save_sample_grids(args, step, ema, prior, decode, device):
+    """EMA samples, one row per class (at most 10 classes, evenly spaced), at every --sample-nfe."""
+    classes = torch.linspace(0, args.num_classes - 1, min(10, args.num_classes)).round().long()
+    labels = classes.repeat_interleave(8).to(device)
+    noise = torch.randn(len(labels), *args.latent_shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    x0 = prior.sample(labels, noise)  # a fixed generator: grids are comparable across steps
+    velocity = flow.guided_velocity(ema, labels, torch.full_like(labels, args.num_classes), args.sample_cfg)
+    from torchvision.utils import save_image
+
+    for nfe in args.sample_nfe:
+        images = decode(flow.solve(velocity, x0, nfe, "euler").x)
+        if images.shape[-1] < 32:  # 8x8 digits: enlarge (nearest) so the grid is readable
+            images = F.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+        save_image((images + 1) / 2, os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png"), nrow=8)
+
+
+def make_decoder(vae_name, device):
+    """Latents -> images in [-1, 1] with 3 channels; the VAE is loaded on first use."""
+    vae = None
+
+    def decode(latents):
+        nonlocal vae
+        if vae_name == "none":
+            images = latents.float().clamp(-1, 1)
+            return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+        vae = vae or flow.load_vae(vae_name, device)
+        return flow.vae_decode(vae, latents.float())
+
+    return decode
+
+
+def main(args):
+    rank, world_size, device = flow.setup_distributed()
+    if args.global_batch % world_size:
+        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world_size} processes")
+    if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    x, y, args.num_classes = load_data(args, rank, world_size, device)
+    if len(y) == 0 or y.min() < 0 or y.max() >= args.num_classes:
+        raise SystemExit(f"error: labels must lie in [0, {args.num_classes}) and data must not be empty")
+    args.latent_shape = list(x.shape[1:])
+
+    prior = build_prior(args).to(device)
+    if args.prior == "class":
+        fit_class_prior(prior, x, y, rank, world_size, device)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step = resume(args, model, ema, optimizer, rank, world_size) if args.resume else 0
+    if step == 0:
+        torch.manual_seed(args.seed + rank)  # noise (prior samples, t, label dropout) differs by rank
+    forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    forward = torch.compile(forward) if args.compile else forward
+    order = BatchOrder(len(x), args.global_batch, args.seed)
+    decode = make_decoder(args.vae, device)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rank == 0:
+        os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        save_json(vars(args), os.path.join(args.out, "args.json"))
+        trim_log(log_path, step)
+        print(f"{len(x)} training examples of shape {args.latent_shape}, {args.num_classes} classes, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es) on {device}")
+
+    sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
+    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0)
+    for step in progress:
+        loss, cost, grad_norm = train_step(step, model, forward, optimizer, prior, x, y, order, args,
+                                           rank, world_size, device)
+        flow.update_ema(ema, model, ema_decay(step, args))
+        sums += torch.tensor([loss, cost, 1.0], dtype=torch.float64)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            if world_size > 1:
+                dist.all_reduce(sums)
+            elapsed, (loss_sum, cost_sum, count) = time.perf_counter() - start, sums.tolist()
+            record = {"step": done, "loss": loss_sum / count, "lr": learning_rate(step, args),
+                      "images_per_s": args.global_batch * count / world_size / elapsed,
+                      "transport_cost": cost_sum / count, "grad_norm": grad_norm}
+            if rank == 0:
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                with open(log_path, "a") as file:
+                    file.write(json.dumps(record) + "\n")
+            sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
+        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
+            save_sample_grids(args, done, ema.eval(), prior, decode, device)
+        if done % args.ckpt_every == 0 or done == args.steps:
+            save_checkpoint(args, done, model, ema, optimizer, prior, rank, world_size)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading for sampling (sample.py).
+
+
+def load_for_sampling(path, device, use_ema=True):
+    """A checkpoint file (or a run folder: its latest checkpoint) -> what sample.py needs."""
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        path = paths[-1] if paths else os.path.join(path, "checkpoints", "step_*.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "class":
+        raise SystemExit(f"error: {path} is not a class-conditional checkpoint of train_class.py")
+    args = types.SimpleNamespace(**checkpoint["args"])
+    device = torch.device(device)
+    model = build_model(args)
+    model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+    prior = build_prior(args)
+    prior.load_state_dict(checkpoint["prior"])
+    num_classes = args.num_classes
+
+    def make_condition(labels):
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise SystemExit(f"error: class labels must lie in [0, {num_classes})")
+        return labels.to(device)
+
+    return types.SimpleNamespace(
+        model=model.to(device).eval().requires_grad_(False), prior=prior.to(device).eval(),
+        latent_shape=tuple(args.latent_shape), make_condition=make_condition,
+        null_condition=lambda batch: torch.full((batch,), num_classes, dtype=torch.int64, device=device),
+        decode=make_decoder(args.vae, device), num_classes=num_classes, args=checkpoint["args"])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=BUILTIN_DIGITS,
+                        help=f"'{BUILTIN_DIGITS}', a Downsampled ImageNet folder (train_data_batch_*) or npz batch, or an ImageFolder tree")
+    parser.add_argument("--vae", default="none", help="'none' (train on pixels), 'sd-ema', 'sd-mse', or a local diffusers AutoencoderKL folder")
+    parser.add_argument("--latent-cache", default=None, help="folder for the encoded latents (default OUT/latents); share it between runs")
+    parser.add_argument("--image-size", type=int, default=64, help="ImageFolder images are resized and centre-cropped to this size")
+    parser.add_argument("--model", default="tiny", choices=list(MODELS), help="DiT size preset (patch 2)")
+    parser.add_argument("--prior", default="class", choices=["gaussian", "class"], help="N(0, I) (CondOT) or N(m(c), sigma^2 I)")
+    parser.add_argument("--prior-sigma", type=float, default=0.5, help="sigma of the class prior")
+    parser.add_argument("--prior-spread", default="fixed", choices=["fixed", "class"], help="sigma for every class, or sigma times the class's own std")
+    parser.add_argument("--coupling", default="independent", choices=["independent", "ot"], help="pairs as drawn, or minibatch OT (within a class for the class prior)")
+    parser.add_argument("--cfg-dropout", type=float, default=0.0, help="probability of dropping a label to the null class (CFG training)")
+    parser.add_argument("--cfg-null-prior", default="mixture", choices=["mixture", "class"], help="class prior: dropped-label samples start from a random class's prior (the mixture) or their own class's")
+    parser.add_argument("--steps", type=int, default=1200, help="total optimizer steps")
+    parser.add_argument("--global-batch", type=int, default=64, help="images per optimizer step, over all processes")
+    parser.add_argument("--max-batch-per-gpu", type=int, default=512, help="micro-batch cap per process; larger batches accumulate gradients")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step (after a warmup, see ema_decay)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise (offset by rank)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
+    parser.add_argument("--sample-every", type=int, default=600, help="steps between EMA sample grids")
+    parser.add_argument("--sample-nfe", type=int, nargs="+", default=[1, 4, 16], help="NFEs (Euler) of the sample grids")
+    parser.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale of the sample grids")
+    parser.add_argument("--ckpt-every", type=int, default=600, help="steps between checkpoints")
+    parser.add_argument("--out", default="runs/train_class", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    args = parser.parse_args(argv)
+    if not 0 <= args.cfg_dropout < 1:
+        parser.error("--cfg-dropout must lie in [0, 1)")
+    for name in ("steps", "global_batch", "max_batch_per_gpu", "log_every", "sample_every", "ckpt_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
