@@ -1,0 +1,284 @@
+"""Few-step sampling from a train_class.py or train_text.py checkpoint, with the measures that matter.
+
+For every NFE budget (--nfe 1 2 4 8 16) it integrates dx/dt = v_theta(x, t, c) from the prior
+sample x0 (t = 0) to the data (t = 1) with fixed-step Euler or midpoint (flow.solve), and writes
+
+    OUT/{solver}_nfe{NFE:03d}.png    a grid of the first --grid images
+    OUT/{solver}_nfe{NFE:03d}.npz    arr_0 = uint8 NHWC RGB images, arr_1 = labels (class) or
+                                     caption indices (text): the layout the ADM evaluator reads
+    OUT/{solver}_nfe{NFE:03d}.json   measured NFE, seconds per image, transport cost
+                                     E||x1 - x0||^2 and straightness E int ||v - (x1 - x0)||^2 dt
+                                     of the sampled trajectories (and FID/KID with --fid-ref)
+    OUT/{solver}_nfe{NFE:03d}_captions.txt   text checkpoints: the caption of every image, in order
+    OUT/args.json
+
+Image i uses seed --first-seed + i for its noise, and its label (class i mod the classes) or
+caption (line i mod the prompt lines) also follows from i alone, so the same seeds give the same
+images whatever the batch size or the number of processes (as in EDM).
+
+Run:
+    python sample.py --ckpt runs/train_class --nfe 1 2 4 8 16 --num-images 1000 --out runs/samples
+    python sample.py --ckpt runs/train_class --nfe 2 4 8 --solver midpoint --cfg-scale 1.5 --classes 3 7
+    python sample.py --ckpt runs/train_text --prompts prompts.txt --nfe 4 16 --num-images 64
+    python sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz --kid   # FID/KID only, no images written
+    python sample.py --ckpt CKPT --num-images 10000 --fid-ref REF.npz --vae-floor REAL.npz  # + the VAE's floor
+    torchrun --standalone --nproc_per_node=8 sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 sample.py ...
+--ckpt takes a checkpoint file or a run folder (its latest checkpoints/step_*.pt). EMA weights are
+used unless --no-ema. Make REF.npz with `python fid.py ref` (see docs/metrics.md for the protocol).
+"""
+import argparse
+import glob
+import importlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import fid
+import flow
+
+TRAINERS = {"class": "train_class", "text": "train_text"}  # ckpt["kind"] -> module with load_for_sampling
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint and conditions.
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run folder -> its latest checkpoints/step_*.pt (names sort by step)."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")))
+        if not found:
+            raise SystemExit(f"error: no checkpoints/step_*.pt in {path}")
+        path = found[-1]
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    return path
+
+
+def load_sampler(path, device, use_ema):
+    """Ask the trainer that wrote the checkpoint to rebuild it (INTERFACE: load_for_sampling)."""
+    try:
+        kind = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("kind")
+    except Exception as error:  # truncated or foreign file
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
+    if kind not in TRAINERS:
+        raise SystemExit(f"error: {path} has kind {kind!r}, expected one of {sorted(TRAINERS)}")
+    trainer = importlib.import_module(TRAINERS[kind])
+    return kind, trainer.load_for_sampling(path, device, use_ema=use_ema)
+
+
+def image_conditions(kind, sampler, args):
+    """What image i is conditioned on, for every i: a label, or a caption. Depends on i only."""
+    if kind == "class":
+        if args.prompts:
+            raise SystemExit("error: --prompts is for text checkpoints; this one is class-conditional (use --classes)")
+        classes = args.classes if args.classes is not None else list(range(sampler.num_classes))
+        bad = [c for c in classes if not 0 <= c < sampler.num_classes]
+        if bad:
+            raise SystemExit(f"error: --classes {bad} outside [0, {sampler.num_classes})")
+        return [classes[i % len(classes)] for i in range(args.num_images)]  # class-balanced
+    if args.classes is not None:
+        raise SystemExit("error: --classes is for class checkpoints; this one is text-conditional (use --prompts)")
+    if not args.prompts:
+        raise SystemExit("error: a text checkpoint needs --prompts FILE (one prompt per line)")
+    with open(args.prompts) as file:
+        prompts = [line.strip() for line in file if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: no prompts in {args.prompts}")
+    return [prompts[i % len(prompts)] for i in range(args.num_images)]
+
+
+def label_array(kind, conditions):
+    """arr_1 of the npz: the class labels, or for captions the index of each distinct caption."""
+    if kind == "class":
+        return np.asarray(conditions, dtype=np.int64)
+    first_index = {}
+    return np.asarray([first_index.setdefault(caption, len(first_index)) for caption in conditions], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def seeded_noise(seeds, shape, device):
+    """One generator per image (EDM): image i's noise does not depend on its batch."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    return torch.stack(noise).to(device)
+
+
+def to_uint8(images):
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), as written to PNG and npz."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_images(sampler, indices, conditions, nfe, args, device, progress):
+    """Images of the given indices, plus the sums of per-image measures and the time taken."""
+    images, transport, straightness, measured_nfe = [], 0.0, 0.0, set()
+    start = time.perf_counter()
+    for batch in tqdm(np.array_split(indices, max(1, math.ceil(len(indices) / args.batch_size))),
+                      desc=f"{args.solver} NFE {nfe}", disable=not progress):
+        cond = sampler.make_condition(torch.as_tensor([conditions[i] for i in batch]) if isinstance(conditions[0], int)
+                                      else [conditions[i] for i in batch])
+        x0 = sampler.prior.sample(cond, seeded_noise(args.first_seed + batch, sampler.latent_shape, device))
+        velocity = flow.guided_velocity(sampler.model, cond, sampler.null_condition(len(batch)), args.cfg_scale)
+        solution = flow.solve(velocity, x0, nfe, args.solver, trajectory=True)
+        images.append(to_uint8(sampler.decode(solution.x)))
+        # Measures of the sampled trajectories, as sums so that batches and processes add up.
+        transport += flow.transport_cost(x0, solution.x) * len(batch)
+        straightness += flow.straightness(solution.trajectory) * len(batch)
+        measured_nfe.add(solution.nfe)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return np.concatenate(images), transport, straightness, measured_nfe, time.perf_counter() - start
+
+
+def all_reduce_sum(values, device):
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(tensor)
+    return tuple(tensor.tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs and metrics.
+
+
+def save_grid(images, path):
+    """uint8 (N, H, W, 3) -> one square-ish PNG, small images enlarged (nearest) to at least 32 pixels."""
+    count = len(images)
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    height, width = images.shape[1:3]
+    grid = np.full((rows * (height + 2) + 2, columns * (width + 2) + 2, 3), 255, dtype=np.uint8)
+    for k, image in enumerate(images):
+        row, column = divmod(k, columns)
+        grid[2 + row * (height + 2):2 + row * (height + 2) + height, 2 + column * (width + 2):2 + column * (width + 2) + width] = image
+    scale = max(1, 32 // min(height, width))
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def class_accuracy(images, labels):
+    """Built-in digits: how often the digits classifier of fid.py agrees with the requested class."""
+    correct = fid.digits_predict(images) == labels
+    per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
+    return {"class_accuracy": float(correct.mean()), "class_accuracy_per_class": per_class}
+
+
+def vae_floor(sampler, space, reference, args, device, rank, world):
+    """FID of VAE reconstructions of real images: no model in this latent space can do better."""
+    vae_name = sampler.args["vae"]
+    vae = flow.load_vae(vae_name, device)
+    images = fid.load_images(args.vae_floor)
+    indices = np.arange(rank, len(images), world)
+    reconstructions = []
+    for batch in np.array_split(indices, max(1, math.ceil(len(indices) / args.batch_size))):
+        x = torch.as_tensor(images[batch]).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1
+        reconstructions.append(to_uint8(flow.vae_decode(vae, flow.vae_encode(vae, x))))
+    features = fid.gather_in_order(space.features(np.concatenate(reconstructions)), indices, len(images))
+    return {"vae": vae_name, "real_images": args.vae_floor,
+            **fid.compare_to_reference(features, reference, args.kid, args.kid_subset_size)}
+
+
+def write_json(data, path):
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
+
+
+def main(args):
+    rank, world, device = flow.setup_distributed()
+    if args.num_images < world:
+        raise SystemExit(f"error: --num-images {args.num_images} is smaller than the {world} processes")
+    checkpoint = resolve_checkpoint(args.ckpt)
+    kind, sampler = load_sampler(checkpoint, device, use_ema=not args.no_ema)
+    conditions = image_conditions(kind, sampler, args)
+    labels = label_array(kind, conditions)
+    reference = space = None
+    if args.fid_ref:  # check everything before the long sampling run, not after it
+        reference = fid.load_reference(args.fid_ref)
+        space = fid.load_feature_space(reference["feature_space"], device, args.inception_weights)
+        fid.check_reference(reference, space)
+        if args.kid and min(args.num_images, len(reference["features"])) < args.kid_subset_size:
+            raise SystemExit(f"error: KID subsets of {args.kid_subset_size} need --num-images and the reference to hold at "
+                             f"least that many images (got {args.num_images} and {len(reference['features'])}): lower --kid-subset-size")
+    elif args.vae_floor or args.kid:
+        raise SystemExit("error: --vae-floor and --kid need --fid-ref REF.npz")
+    if args.vae_floor and sampler.args.get("vae", "none") in (None, "none"):
+        raise SystemExit("error: --vae-floor needs a latent (VAE) checkpoint; this one trains on pixels")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        write_json({**vars(args), "checkpoint": checkpoint, "kind": kind, "world_size": world}, os.path.join(args.out, "args.json"))
+
+    indices = np.arange(rank, args.num_images, world)  # process r makes images r, r + world, ...
+    for nfe in args.nfe:
+        local, transport, straight, measured, seconds = sample_images(sampler, indices, conditions, nfe, args, device, rank == 0)
+        transport, straight, seconds = all_reduce_sum((transport, straight, seconds), device)
+        name = os.path.join(args.out, f"{args.solver}_nfe{nfe:03d}")
+        result = {"kind": kind, "checkpoint": checkpoint, "ema": not args.no_ema, "solver": args.solver,
+                  "nfe_requested": nfe, "nfe": max(measured), "cfg_scale": args.cfg_scale, "num_images": args.num_images,
+                  "first_seed": args.first_seed, "world_size": world,
+                  "seconds_per_image": seconds / args.num_images,  # process-seconds: comparable across world sizes
+                  "transport_cost": transport / args.num_images, "straightness": straight / args.num_images}
+        if reference is not None:  # FID/KID straight from memory, no image written
+            features = fid.gather_in_order(space.features(local), indices, args.num_images)
+            result.update(fid.compare_to_reference(features, reference, args.kid, args.kid_subset_size) if rank == 0 else {})
+            if space.name == "digits" and kind == "class" and sampler.args.get("data") == "builtin-digits":
+                result.update(class_accuracy(fid.gather_in_order(local, indices, args.num_images), labels) if rank == 0 else {})
+        else:
+            images = fid.gather_in_order(local, indices, args.num_images)
+            if rank == 0:
+                save_grid(images[:args.grid], name + ".png")
+                np.savez(name + ".npz", images, labels)
+                if kind == "text":
+                    with open(name + "_captions.txt", "w") as file:
+                        file.write("".join(caption + "\n" for caption in conditions))
+        if rank == 0:
+            write_json(result, name + ".json")
+            print(json.dumps(result))
+    if args.vae_floor:
+        floor = vae_floor(sampler, space, reference, args, device, rank, world)
+        if rank == 0:
+            write_json(floor, os.path.join(args.out, "vae_floor.json"))
+            print(json.dumps(floor))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("--out", default="runs/samples", help="output folder")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="NFE budgets to sample at")
+    parser.add_argument("--solver", default="euler", choices=list(flow.SOLVERS), help="fixed-step ODE solver (midpoint: 2 NFE per step)")
+    parser.add_argument("--num-images", type=int, default=64, help="number of images (not --num: torchrun would take that for its --numa-binding)")
+    parser.add_argument("--first-seed", type=int, default=0, help="image i uses seed FIRST_SEED + i")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class checkpoints: cycle over these classes (default: all)")
+    parser.add_argument("--prompts", default=None, help="text checkpoints: file with one prompt per line, cycled over")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
+    parser.add_argument("--fid-ref", default=None, help="REF.npz from `fid.py ref`: compute FID right after sampling, write no images")
+    parser.add_argument("--kid", action="store_true", help="with --fid-ref: also compute KID")
+    parser.add_argument("--kid-subset-size", type=int, default=fid.KID_DEFAULTS["subset_size"], help="images per KID subset")
+    parser.add_argument("--inception-weights", default=None, help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
+    parser.add_argument("--vae-floor", default=None, help="real images (folder, npz): also report the FID of their VAE reconstructions")
+    args = parser.parse_args(argv)
+    if min(args.nfe) < 1 or args.num_images < 1 or args.batch_size < 1:
+        parser.error("--nfe, --num-images and --batch-size must be positive")
+    per_step = flow.SOLVERS[args.solver][1]
+    if any(nfe % per_step for nfe in args.nfe):
+        parser.error(f"{args.solver} takes {per_step} evaluations per step: every --nfe must be a multiple of {per_step}")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
