@@ -208,7 +208,7 @@ def plot_trajectories(models, x_test, y_test, args, path):
 
     count = min(300, len(y_test))
     labels, noise = y_test[:count].to(args.device), torch.randn(count, 2, generator=torch.Generator().manual_seed(args.seed))
-    figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False, sharex=True, sharey=True)
     for ax, (method, (model, prior)) in zip(axes[0], models.items()):
         paths = generate(model, prior, labels, 32, "euler", noise.to(args.device), trajectory=True).trajectory.cpu()
         ax.scatter(*x_test.T, s=1, c="lightgray")
