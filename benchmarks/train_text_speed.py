@@ -1,0 +1,79 @@
+"""Time one training step of train_text.py's velocity network (forward, backward, AdamW step).
+
+Prints, per configuration: parameters, seconds per step, images per second, and peak memory
+(CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set size).
+
+    python benchmarks/train_text_speed.py                       # the built-in shapes setup
+    python benchmarks/train_text_speed.py --setup coco64 --model DiT-S DiT-B --batch 64
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flow  # noqa: E402
+import train_text  # noqa: E402
+
+SETUPS = {  # name: (latent shape, patch, pooled dim, token dim, tokens)
+    "shapes": ((3, 32, 32), 8, 64, 64, 8),  # pixels, built-in word encoder
+    "coco64": ((4, 8, 8), 2, 512, 512, 32),  # 64 px through the SD VAE, CLIP ViT-B/32, --text-length 32
+    "coco256": ((4, 32, 32), 2, 512, 512, 32),  # 256 px, the paper's resolution
+}
+
+
+def time_steps(model, batch, setup, device, steps, warmup=2):
+    shape, _, pooled_dim, token_dim, tokens = SETUPS[setup]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x1 = torch.randn(batch, *shape, device=device)
+    cond = (torch.randn(batch, pooled_dim, device=device), torch.randn(batch, tokens, token_dim, device=device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with autocast:
+            loss = flow.flow_matching_loss(model, torch.randn_like(x1), x1, cond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main(args):
+    device = torch.device(args.device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, setup {args.setup}, batch {args.batch}")
+    print("| model | parameters | s / step | images / s | peak memory |")
+    print("|---|---|---|---|---|")
+    for name in args.model:
+        shape, patch, pooled_dim, token_dim, _ = SETUPS[args.setup]
+        width, depth, heads = train_text.MODELS[name]
+        torch.manual_seed(0)
+        model = train_text.TextDiT(shape, pooled_dim, token_dim, width, depth, heads, patch).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = time_steps(model, args.batch, args.setup, device, args.steps)
+        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        print(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {seconds:.3f} | "
+              f"{args.batch / seconds:.1f} | {peak / 2**20:.0f} MiB |")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setup", default="shapes", choices=list(SETUPS), help="latent shape and text encoder sizes")
+    parser.add_argument("--model", nargs="+", default=["tiny", "small"], choices=list(train_text.MODELS), help="network presets")
+    parser.add_argument("--batch", type=int, default=64, help="images per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,349 @@
+"""Tests of train_text.py: data readers, text encoders, mapper, both training stages, resume, DDP,
+bad input and load_for_sampling. Everything offline, on tiny random configurations."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import flow
+import train_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--global-batch", "8", "--max-batch-per-gpu", "4", "--log-every", "2",
+        "--ckpt-every", "2", "--sample-every", "4", "--sample-nfe", "2", "--warmup-steps", "2",
+        "--mapper-width", "32", "--quiet"]
+
+
+def to_uint8(images):
+    return ((images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def run(out, *extra):
+    train_text.main(train_text.parse_args(["--out", str(out), *TINY, *extra]))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in shapes and the caption checker.
+
+
+def test_checker_reads_rendered_shapes_exactly():
+    combinations = train_text.shape_combinations()
+    images, captions, index = train_text.make_shapes(combinations, 4, 32, seed=123)
+    matches = [train_text.check_caption(image, captions[i]) for image, i in zip(to_uint8(images), index)]
+    assert np.mean(matches) == 1.0
+    stray = to_uint8(images)
+    stray[:, 0, 0] = 255  # a stray white pixel in a corner is not the shape
+    assert all(train_text.check_caption(image, captions[i]) for image, i in zip(stray, index))
+    # and it can say no: every image checked against another caption of the same size, colour and position
+    wrong_shape = [captions[i].replace("circle", "square") if "circle" in captions[i] else captions[i].replace("square", "circle").replace("triangle", "circle")
+                   for i in index]
+    assert not any(train_text.check_caption(image, c) for image, c in zip(to_uint8(images), wrong_shape))
+    assert not train_text.check_caption(np.zeros((32, 32, 3), np.uint8), captions[0])  # empty image
+
+
+def test_held_out_captions_compose_seen_attributes():
+    combinations = train_text.shape_combinations()
+    held = [c for c in combinations if train_text.is_held_out(c)]
+    seen = [c for c in combinations if not train_text.is_held_out(c)]
+    assert len(combinations) == 144 and len(held) == 24
+    for attribute in range(4):  # every size, colour, shape and position is seen in training
+        assert {c[attribute] for c in held} <= {c[attribute] for c in seen}
+
+
+def test_word_encoder_pools_word_vectors_and_rejects_unknown_words():
+    encoder = train_text.WordEncoder()
+    pooled, tokens = encoder(["a small red circle on the left", ""])
+    assert tokens.shape == (2, 8, 64) and pooled.shape == (2, 64)
+    assert torch.allclose(pooled[0], tokens[0, :7].mean(0)) and tokens[0, 7:].abs().sum() == 0
+    assert pooled[1].abs().sum() == 0 and tokens[1].abs().sum() == 0  # "" is the null condition
+    with pytest.raises(SystemExit, match="does not know the word 'purple'"):
+        encoder(["a small purple circle on the left"])
+
+
+# ---------------------------------------------------------------------------------------------
+# MS-COCO reader, the SD-VAE and CLIP paths (tiny random configurations written by the test).
+
+
+def write_coco(root, split="train2017", images=3, captions_per_image=2, size=(40, 24)):
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    listed, annotations = [], []
+    rng = np.random.RandomState(0)
+    for k in range(images):
+        name = f"{k:012d}.png"
+        Image.fromarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(root, split, name))
+        listed.append({"id": 100 + k, "file_name": name, "width": size[0], "height": size[1]})
+        for j in range(captions_per_image):
+            annotations.append({"id": 1000 + 10 * k + j, "image_id": 100 + k, "caption": f" a  red circle {'a' * (k + 1)} {j}\n"})
+    with open(os.path.join(root, "annotations", f"captions_{split}.json"), "w") as f:
+        json.dump({"images": listed, "annotations": annotations}, f)
+    return annotations
+
+
+def test_coco_reader_pairs_captions_with_their_images(tmp_path):
+    annotations = write_coco(tmp_path)
+    paths, captions, image_of_caption = train_text.read_coco(str(tmp_path), "train2017")
+    assert [os.path.basename(p) for p in paths] == [f"{k:012d}.png" for k in range(3)]
+    assert captions[0] == "a red circle a 0"  # whitespace normalised
+    assert image_of_caption.tolist() == [(a["image_id"] - 100) for a in annotations]
+
+
+def test_center_crop_keeps_the_middle_square():
+    from PIL import Image
+
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, 10:30] = 255  # the central 20x20 square is white, the sides black
+    out = train_text.center_crop(Image.fromarray(array), 8)
+    assert out.shape == (8, 8, 3) and out.min() == 255
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_file", "missing annotation file"),
+    ("unlisted", "refer to images it does not list"),
+    ("empty", "empty captions"),
+    ("no_image", "missing on disk"),
+])
+def test_coco_bad_input_stops_with_one_line(tmp_path, damage, message):
+    write_coco(tmp_path)
+    annotation_file = tmp_path / "annotations" / "captions_train2017.json"
+    data = json.loads(annotation_file.read_text())
+    if damage == "no_file":
+        annotation_file.unlink()
+    elif damage == "unlisted":
+        data["annotations"][0]["image_id"] = 999
+    elif damage == "empty":
+        data["annotations"][1]["caption"] = "  "
+    else:
+        (tmp_path / "train2017" / data["images"][0]["file_name"]).unlink()
+    if damage in ("unlisted", "empty"):
+        annotation_file.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=message) as error:
+        train_text.read_coco(str(tmp_path), "train2017")
+    assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
+
+
+def write_tiny_clip(folder):
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def write_tiny_vae(folder):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                            layers_per_block=1).save_pretrained(folder)
+    return str(folder)
+
+
+def test_clip_encoder_gives_pooled_eos_state_and_token_states(tmp_path):
+    encoder = train_text.ClipEncoder(write_tiny_clip(tmp_path / "clip"), length=16)
+    pooled, tokens = encoder(["a red circle", "a blue square", ""])
+    assert pooled.shape == (3, 32) and tokens.shape == (3, 16, 32)
+    ids = encoder.tokenizer(["a red circle"], padding="max_length", max_length=16).input_ids[0]
+    assert torch.allclose(pooled[0], tokens[0, ids.index(1)])  # pooled = the final state at the first EOS
+    assert not torch.allclose(pooled[0], pooled[1])
+    with pytest.raises(SystemExit, match="cannot load the CLIP text encoder"):
+        train_text.ClipEncoder(str(tmp_path / "nowhere"), length=16)
+
+
+def test_coco_run_caches_latents_and_text_then_samples(tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root, "train2017", images=4)
+    write_coco(root, "val2017", images=2)
+    clip, vae = write_tiny_clip(tmp_path / "clip"), write_tiny_vae(tmp_path / "vae")
+    out = tmp_path / "run"
+    coco = ["--data", "coco", "--coco-root", str(root), "--vae", vae, "--text-encoder", clip, "--image-size", "16",
+            "--text-length", "16", "--workers", "0", "--mapper-steps", "2", "--steps", "2"]
+    run(out, *coco)
+    cache = root / "cache" / "train2017"
+    latents = np.load(next(cache.glob("latents_16px_*.npy")))
+    assert latents.shape == (4, 4, 8, 8)  # one latent per image, 16 px / 2 (the tiny VAE halves the size)
+    assert np.load(next(cache.glob("text_*_pooled.npy"))).shape == (8, 32)  # one embedding per unique caption
+    assert (out / "mapper_means.png").exists() and (out / "samples" / "step_0000002.png").exists()
+    loaded = train_text.load_for_sampling(str(out / "checkpoints" / "step_0000002.pt"), "cpu")
+    cond = loaded.make_condition(["a red circle a 0", "a red circle aa 1"])
+    x0 = loaded.prior.sample(cond, torch.randn(2, *loaded.latent_shape))
+    x = flow.solve(flow.guided_velocity(loaded.model, cond, loaded.null_condition(2), 2.0), x0, 2).x
+    images = loaded.decode(x)
+    assert loaded.latent_shape == (4, 8, 8) and images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    # the cached embedding of a caption is the one the sampler computes
+    split = train_text.coco_split(train_text.parse_args(["--out", str(out), *coco]), "train2017",
+                                  train_text.ClipEncoder(clip, 16), torch.device("cpu"), 0)
+    assert torch.allclose(split.condition([0], "cpu")[0], cond[0][:1], atol=1e-2)  # float16 cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the mapper estimates the conditional mean.
+
+
+@pytest.mark.parametrize("noise_dim", [0, 8])
+def test_mapper_regression_finds_the_conditional_mean(noise_dim):
+    torch.manual_seed(0)
+    means = torch.randn(4, 2, 3, 3)  # the known conditional means of 4 "captions"
+    embeddings = torch.randn(4, 6)
+    mapper = train_text.Mapper(6, (2, 3, 3), width=64, noise_dim=noise_dim)
+    optimizer = torch.optim.Adam(mapper.parameters(), lr=3e-3)
+    for _ in range(600):
+        y = torch.randint(4, (64,))
+        x1 = means[y] + 0.5 * torch.randn(64, 2, 3, 3)  # data = mean + noise of variance 0.25
+        loss = train_text.mapper_loss(mapper, x1, (embeddings[y],), torch.randn(64, noise_dim))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        estimate = mapper(embeddings, torch.randn(4, noise_dim))
+    assert (estimate - means).pow(2).mean() < 0.01  # far below the data variance 0.25
+    assert abs(loss.item() - 0.25) < 0.05  # the remaining loss is the noise variance
+
+
+def test_text_prior_is_centred_on_the_mapper_and_ot_keeps_each_centre():
+    torch.manual_seed(0)
+    prior = train_text.TextPrior(train_text.Mapper(5, (3, 4, 4), width=16, noise_dim=2), sigma=0.3)
+    cond = (torch.randn(32, 5), None)
+    x1 = torch.randn(32, 3, 4, 4) * 2
+    torch.manual_seed(1)
+    noise = torch.randn_like(x1)  # the noise draw_prior draws after the same seed
+    centre = prior.centre(cond, noise)
+    assert torch.allclose(prior.sample(cond, noise), centre + 0.3 * noise)
+    torch.manual_seed(1)
+    independent = train_text.draw_prior(prior, cond, x1, "independent")
+    torch.manual_seed(1)
+    ot = train_text.draw_prior(prior, cond, x1, "ot")
+    # OT only re-orders the noise parts: the same set of residuals, each x0 on its own caption's centre
+    by_first = lambda r: r[torch.argsort(r[:, 0])]  # noqa: E731
+    assert torch.allclose(by_first((independent - centre).flatten(1)), by_first((ot - centre).flatten(1)), atol=1e-6)
+    assert not torch.allclose(ot, independent)
+    assert flow.transport_cost(ot, x1) < flow.transport_cost(independent, x1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both stages end to end, resume, DDP, bad input and load_for_sampling.
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "full"
+    run(out, "--mapper-steps", "4", "--steps", "4")
+    return out
+
+
+def test_both_stages_write_logs_checkpoints_and_pictures(shapes_run):
+    out = shapes_run
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["mapper", "mapper", "mapper", "flow", "flow"]
+    assert "val_loss_heldout" in records[2] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert json.loads((out / "args.json").read_text())["patch_size"] == 8  # resolved defaults
+    checkpoint = load(out / "checkpoints" / "step_0000004.pt")
+    assert checkpoint["kind"] == "text" and checkpoint["step"] == 4
+    assert any(k.startswith("mapper.") for k in checkpoint["prior"])  # the mapper travels with the flow
+    assert (out / "mapper_means.png").exists() and (out / "samples" / "step_0000004.png").exists()
+
+
+def test_resume_of_both_stages_equals_an_uninterrupted_run(shapes_run, tmp_path):
+    out = tmp_path / "resumed"
+    run(out, "--mapper-steps", "2", "--steps", "0")  # stopped inside stage 1 ...
+    with pytest.raises(SystemExit, match="add --resume"):  # nothing is overwritten by mistake
+        run(out, "--mapper-steps", "4", "--steps", "2")
+    run(out, "--mapper-steps", "4", "--steps", "2", "--resume")  # ... resumed, stopped inside stage 2 ...
+    with pytest.raises(SystemExit, match="was trained with --prior-sigma 0.5, not 0.3"):
+        run(out, "--mapper-steps", "4", "--steps", "4", "--resume", "--prior-sigma", "0.3")
+    run(out, "--mapper-steps", "4", "--steps", "4", "--resume")  # ... and resumed again
+    a, b = load(shapes_run / "checkpoints" / "step_0000004.pt"), load(out / "checkpoints" / "step_0000004.pt")
+    for key in ("model", "ema", "prior"):
+        assert_same_state(a[key], b[key])
+    assert_same_state(load(shapes_run / "mapper" / "step_0000004.pt")["mapper"], load(out / "mapper" / "step_0000004.pt")["mapper"])
+    # the log reads as one run: no line written twice
+    assert (out / "log.jsonl").read_text().count('"stage": "flow"') == (shapes_run / "log.jsonl").read_text().count('"stage": "flow"')
+
+
+def test_load_for_sampling_round_trip(shapes_run):
+    path = str(shapes_run / "checkpoints" / "step_0000004.pt")
+    loaded = train_text.load_for_sampling(path, "cpu")
+    checkpoint = load(path)
+    assert_same_state(loaded.model.state_dict(), checkpoint["ema"])
+    assert_same_state(train_text.load_for_sampling(path, "cpu", use_ema=False).model.state_dict(), checkpoint["model"])
+    assert loaded.latent_shape == (3, 32, 32) and loaded.num_classes is None and loaded.args["prior"] == "text"
+    captions = ["a small red circle on the left", "a large blue triangle at the top"]
+    cond = loaded.make_condition(captions)
+    noise = torch.randn(2, 3, 32, 32)
+    x0 = loaded.prior.sample(cond, noise)
+    mapper = train_text.Mapper(64, (3, 32, 32), width=32)
+    mapper.load_state_dict(train_text.mapper_state(checkpoint, path))
+    assert torch.allclose(x0, mapper(cond[0]) + 0.5 * noise, atol=1e-6)  # N(P(tau(y)), sigma^2 I)
+    x = flow.solve(flow.guided_velocity(loaded.model, cond, loaded.null_condition(2), 1.5), x0, 4).x
+    images = loaded.decode(x)
+    assert images.shape == (2, 3, 32, 32) and -1 <= images.min() and images.max() <= 1
+
+
+def test_gaussian_prior_run_and_bad_checkpoints(tmp_path, shapes_run):
+    gaussian = tmp_path / "gaussian"
+    run(gaussian, "--prior", "gaussian", "--coupling", "ot", "--steps", "2")
+    checkpoint_path = gaussian / "checkpoints" / "step_0000002.pt"
+    assert not (gaussian / "mapper_means.png").exists()
+    loaded = train_text.load_for_sampling(str(checkpoint_path), "cpu")
+    assert torch.equal(loaded.prior.sample(None, torch.ones(1, 3, 32, 32)), torch.ones(1, 3, 32, 32))
+    # a checkpoint without a mapper cannot give the text prior one ...
+    with pytest.raises(SystemExit, match="has no mapper"):
+        run(tmp_path / "reuse", "--mapper-from", str(checkpoint_path), "--steps", "2")
+    # ... nor can a text-prior checkpoint whose mapper is gone be sampled; nothing else is touched
+    broken = load(shapes_run / "checkpoints" / "step_0000004.pt")
+    broken["prior"] = {k: v for k, v in broken["prior"].items() if not k.startswith("mapper.")}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(SystemExit, match="has no mapper"):
+        train_text.load_for_sampling(str(tmp_path / "broken.pt"), "cpu")
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        train_text.load_for_sampling(str(tmp_path / "missing.pt"), "cpu")
+    torch.save({"kind": "class"}, tmp_path / "class.pt")
+    with pytest.raises(SystemExit, match="not a train_text.py checkpoint"):
+        train_text.load_for_sampling(str(tmp_path / "class.pt"), "cpu")
+    with pytest.raises(SystemExit, match="cannot be split into micro-batches"):
+        run(tmp_path / "odd", "--global-batch", "6", "--max-batch-per-gpu", "4")
+    assert not (tmp_path / "odd").exists()  # stopped before writing anything
+
+
+def test_mapper_from_reuses_a_trained_mapper(tmp_path, shapes_run):
+    out = tmp_path / "reuse"
+    run(out, "--mapper-from", str(shapes_run / "checkpoints" / "step_0000004.pt"), "--steps", "2")
+    assert not list((out / "mapper").glob("*.pt"))  # no stage 1
+    a, b = load(shapes_run / "checkpoints" / "step_0000004.pt")["prior"], load(out / "checkpoints" / "step_0000002.pt")["prior"]
+    assert_same_state(a, b)
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train_text.py"), "--out", str(out), *TINY, "--mapper-steps", "2", "--steps", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = load(out / "checkpoints" / "step_0000002.pt")
+    assert len(checkpoint["rng"]) == 2  # one random state per process, for exact resume
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["stage"] == "flow" and records[-1]["step"] == 2
