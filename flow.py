@@ -15,6 +15,7 @@ Contents: priors, interpolant and loss, couplings, samplers, measures, and the f
 utilities that both trainers need (distributed setup, EMA, atomic checkpoints, RNG state, SD VAE).
 """
 import importlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -355,6 +356,52 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def refuse_overwrite(out, checkpoint_files, resume):
+    """Stop with one line if `out` already holds checkpoints and --resume was not given:
+    a new run would silently overwrite them."""
+    if any(checkpoint_files) and not resume:
+        raise SystemExit(f"error: {out} already holds checkpoints: add --resume to continue them, or use another --out")
+
+
+def load_checkpoint(path):
+    """torch.load to CPU, or one line naming the missing or unreadable file. Checkpoints are our
+    own trusted files and hold NumPy RNG states, hence weights_only=False; mmap reads a tensor from
+    disk only when it is used, so peeking at a large checkpoint's metadata is cheap."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # a truncated or foreign file raises many types
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
+
+
+def gather_rng_states():
+    """Every process's rng_state() as a list indexed by rank (their noise differs), so that rank 0
+    can save them all and resume is exact under DDP too. One process: [rng_state()]."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def warmup_lr(lr, step, warmup_steps):
+    """Learning rate of 0-based `step`: linear warm-up to `lr` over `warmup_steps`, then constant
+    (as DiT). It does not depend on the total steps, so a run can be extended by resuming."""
+    return lr * min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def trim_log(path, keep):
+    """Keep only the JSON lines of log file `path` whose record satisfies keep(record): on resume,
+    the lines written after the checkpoint are dropped (the resumed run writes them again)."""
+    if os.path.isfile(path):
+        with open(path) as file:
+            lines = [line for line in file if line.strip() and keep(json.loads(line))]
+        with open(path, "w") as file:
+            file.writelines(lines)
 
 
 def require(module, pip_name=None):

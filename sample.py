@@ -65,10 +65,7 @@ def resolve_checkpoint(path):
 
 def load_sampler(path, device, use_ema):
     """Ask the trainer that wrote the checkpoint to rebuild it (INTERFACE: load_for_sampling)."""
-    try:
-        kind = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("kind")
-    except Exception as error:  # truncated or foreign file
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
+    kind = flow.load_checkpoint(path).get("kind")
     if kind not in TRAINERS:
         raise SystemExit(f"error: {path} has kind {kind!r}, expected one of {sorted(TRAINERS)}")
     trainer = importlib.import_module(TRAINERS[kind])

@@ -349,12 +349,6 @@ def save_json(obj, path):
     os.replace(f"{path}.tmp", path)
 
 
-def learning_rate(step, args):
-    """Linear warmup to --lr, then constant (as DiT): the schedule does not depend on --steps,
-    so a run can be extended by resuming with a larger --steps."""
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-
-
 def ema_decay(step, args):
     """--ema-decay, warmed up as (1 + step) / (10 + step): without it the EMA of a short run is
     mostly the zero-initialised network (0.999^1000 = 37% of it after 1000 steps)."""
@@ -402,7 +396,7 @@ def train_step(step, model, forward, optimizer, prior, x, y, order, args, rank, 
         total_loss += loss.item() * len(micro) / len(index)
         total_cost += flow.transport_cost(x0, x1) * len(micro) / len(index)
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step, args)
+        group["lr"] = flow.warmup_lr(args.lr, step, args.warmup_steps)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # clip BEFORE the step
     if not (math.isfinite(total_loss) and torch.isfinite(grad_norm)):
         raise SystemExit(f"error: non-finite loss {total_loss} or gradient norm at step {step + 1}; "
@@ -416,25 +410,8 @@ def checkpoint_paths(out):
     return sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pt")))
 
 
-def load_checkpoint(path):
-    """Checkpoints are our own trusted files: they hold NumPy RNG states, so weights_only=False."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file raises many types
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
-
-
-def gather_rng_states(world_size):
-    """Every rank's RNG state (their noise differs), gathered so rank 0 can save them all."""
-    states = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(states, flow.rng_state())
-        return states
-    return [flow.rng_state()]
-
-
-def save_checkpoint(args, step, model, ema, optimizer, prior, rank, world_size):
-    rng = gather_rng_states(world_size)
+def save_checkpoint(args, step, model, ema, optimizer, prior, rank):
+    rng = flow.gather_rng_states()
     if rank == 0:
         checkpoint = {"kind": "class", "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
                       "opt": optimizer.state_dict(), "step": step, "prior": prior.state_dict(), "rng": rng}
@@ -446,7 +423,7 @@ def resume(args, model, ema, optimizer, rank, world_size):
     paths = checkpoint_paths(args.out)
     if not paths:
         return 0
-    checkpoint = load_checkpoint(paths[-1])
+    checkpoint = flow.load_checkpoint(paths[-1])
     saved = checkpoint.get("args", {})
     for key in CONFIG_KEYS + ("num_classes", "latent_shape"):
         if saved.get(key) != getattr(args, key):
@@ -460,15 +437,6 @@ def resume(args, model, ema, optimizer, rank, world_size):
     elif rank == 0:
         print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: same data order, new noise")
     return checkpoint["step"]
-
-
-def trim_log(path, step):
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if os.path.isfile(path):
-        with open(path) as file:
-            lines = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as file:
-            file.writelines(lines)
 
 
 @torch.no_grad()
@@ -507,6 +475,7 @@ def main(args):
     rank, world_size, device = flow.setup_distributed()
     if args.global_batch % world_size:
         raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world_size} processes")
+    flow.refuse_overwrite(args.out, checkpoint_paths(args.out), args.resume)
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -535,7 +504,7 @@ def main(args):
         os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         save_json(vars(args), os.path.join(args.out, "args.json"))
-        trim_log(log_path, step)
+        flow.trim_log(log_path, lambda record: record["step"] <= step)  # resumed: drop lines after the checkpoint
         print(f"{len(x)} training examples of shape {args.latent_shape}, {args.num_classes} classes, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es) on {device}")
 
@@ -551,7 +520,7 @@ def main(args):
             if world_size > 1:
                 dist.all_reduce(sums)
             elapsed, (loss_sum, cost_sum, count) = time.perf_counter() - start, sums.tolist()
-            record = {"step": done, "loss": loss_sum / count, "lr": learning_rate(step, args),
+            record = {"step": done, "loss": loss_sum / count, "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
                       "images_per_s": args.global_batch * count / world_size / elapsed,
                       "transport_cost": cost_sum / count, "grad_norm": grad_norm}
             if rank == 0:
@@ -562,7 +531,7 @@ def main(args):
         if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
             save_sample_grids(args, done, ema.eval(), prior, decode, device)
         if done % args.ckpt_every == 0 or done == args.steps:
-            save_checkpoint(args, done, model, ema, optimizer, prior, rank, world_size)
+            save_checkpoint(args, done, model, ema, optimizer, prior, rank)
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -579,7 +548,7 @@ def load_for_sampling(path, device, use_ema=True):
         path = paths[-1] if paths else os.path.join(path, "checkpoints", "step_*.pt")
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
-    checkpoint = load_checkpoint(path)
+    checkpoint = flow.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "class":
         raise SystemExit(f"error: {path} is not a class-conditional checkpoint of train_class.py")
     args = types.SimpleNamespace(**checkpoint["args"])

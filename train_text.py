@@ -580,15 +580,6 @@ def latest_checkpoint(folder):
     return files[-1] if files else None
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file
-        raise SystemExit(f"error: cannot read the checkpoint {path} ({type(error).__name__})") from None
-
-
 def mapper_state(checkpoint, path):
     """The mapper weights inside a stage-1 or a text-prior flow checkpoint."""
     if "mapper" in checkpoint:
@@ -605,16 +596,6 @@ def load_mapper_weights(mapper, state, path):
     except RuntimeError:
         raise SystemExit(f"error: the mapper in {path} does not fit this run (another text encoder, latent shape, "
                          "--mapper-width or --mapper-noise-dim?)") from None
-
-
-def gather_rng_states():
-    """Every process's RNG state (a list indexed by rank), so that resume is exact under DDP too."""
-    state = flow.rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def restore_rng_state(states, rank):
@@ -725,7 +706,7 @@ class Trainer:
         bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=self.rank != 0 or args.quiet)
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+                group["lr"] = flow.warmup_lr(lr, step, args.warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             for micro in range(self.accumulation):
                 x1, cond = split.batch(np.random.randint(len(split), size=self.micro), self.device)
@@ -758,7 +739,7 @@ class Trainer:
 
 def check_resumable(args, path):
     """Stop before any work if the checkpoint to resume was made with other model-defining options."""
-    saved = load_checkpoint(path)["args"]
+    saved = flow.load_checkpoint(path)["args"]
     for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
             raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
@@ -773,7 +754,7 @@ def resume(args, flow_file, mapper_file, prior, mapper_optimizer, model, ema, op
     if not (flow_file or mapper_file):
         return 0, 0
     path = flow_file or mapper_file
-    checkpoint = load_checkpoint(path)
+    checkpoint = flow.load_checkpoint(path)
     restore_rng_state(checkpoint["rng"], rank)
     step = checkpoint["step"]
     if flow_file:
@@ -786,12 +767,8 @@ def resume(args, flow_file, mapper_file, prior, mapper_optimizer, model, ema, op
         load_mapper_weights(prior.mapper, checkpoint["mapper"], path)
         mapper_optimizer.load_state_dict(checkpoint["opt"])
         keep, steps = lambda r: r["stage"] == "mapper" and "loss" in r and r["step"] <= step, (step, 0)  # noqa: E731
-    log_file = os.path.join(args.out, "log.jsonl")
-    if rank == 0 and os.path.isfile(log_file):
-        with open(log_file) as f:
-            lines = [line for line in f if line.strip() and keep(json.loads(line))]
-        with open(log_file, "w") as f:
-            f.writelines(lines)
+    if rank == 0:
+        flow.trim_log(os.path.join(args.out, "log.jsonl"), keep)
         print(f"resumed from {path}")
     return steps
 
@@ -806,7 +783,7 @@ def load_for_sampling(path, device, use_ema=True):
 
     if os.path.isdir(path):  # a run folder: its latest checkpoint
         path = latest_checkpoint(os.path.join(path, "checkpoints")) or os.path.join(path, "checkpoints", "step_*.pt")
-    checkpoint = load_checkpoint(path)
+    checkpoint = flow.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "text":
         raise SystemExit(f"error: {path} is not a train_text.py checkpoint (kind {checkpoint.get('kind')!r})")
     args = argparse.Namespace(**checkpoint["args"])
@@ -856,8 +833,7 @@ def main(args):
     trainer = Trainer(args, rank, world, device, args.out)  # checks the batch sizes before any work
     out = args.out
     flow_file, mapper_file = latest_checkpoint(os.path.join(out, "checkpoints")), latest_checkpoint(os.path.join(out, "mapper"))
-    if (flow_file or mapper_file) and not args.resume:
-        raise SystemExit(f"error: {out} already holds checkpoints: add --resume to continue them, or use another --out")
+    flow.refuse_overwrite(out, [flow_file, mapper_file], args.resume)
     if flow_file or mapper_file:
         check_resumable(args, flow_file or mapper_file)
     if rank == 0:
@@ -898,7 +874,7 @@ def main(args):
     # Resume (the latest flow checkpoint, else the latest mapper checkpoint) or reuse a mapper.
     mapper_start, flow_start = resume(args, flow_file, mapper_file, prior, mapper_optimizer, model, ema, optimizer, rank)
     if args.mapper_from and args.prior == "text" and not (flow_file or mapper_file):
-        load_mapper_weights(prior.mapper, mapper_state(load_checkpoint(args.mapper_from), args.mapper_from), args.mapper_from)
+        load_mapper_weights(prior.mapper, mapper_state(flow.load_checkpoint(args.mapper_from), args.mapper_from), args.mapper_from)
         mapper_start = args.mapper_steps
 
     # Stage 1: the mapper, by regression onto the paired latents.
@@ -906,7 +882,7 @@ def main(args):
         mapper = wrap(prior.mapper)
 
         def save_mapper(step):
-            states = gather_rng_states()
+            states = flow.gather_rng_states()
             if rank == 0:
                 flow.save_atomic({"kind": "text-mapper", "args": vars(args), "mapper": prior.mapper.state_dict(),
                                   "opt": mapper_optimizer.state_dict(), "step": step, "rng": states},
@@ -939,7 +915,7 @@ def main(args):
         return loss, {"transport_cost": flow.transport_cost(x0, x1)}
 
     def save_flow(step):
-        states = gather_rng_states()
+        states = flow.gather_rng_states()
         if rank == 0:
             flow.save_atomic({"kind": "text", "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
                               "opt": optimizer.state_dict(), "prior": prior.state_dict(), "step": step, "rng": states,

@@ -1,5 +1,6 @@
 """The shared module against closed forms, brute force and statistics."""
 import itertools
+import json
 import math
 
 import numpy as np
@@ -331,3 +332,43 @@ def test_rng_state_round_trip_repeats_every_generator():
 def test_require_names_the_missing_package():
     with pytest.raises(SystemExit, match="pip install no-such-package"):
         flow.require("no_such_module_xyz", "no-such-package")
+
+
+def test_refuse_overwrite_stops_only_for_checkpoints_without_resume(tmp_path):
+    flow.refuse_overwrite(tmp_path, [None, None], resume=False)  # a fresh --out
+    flow.refuse_overwrite(tmp_path, ["step_0000002.pt"], resume=True)
+    with pytest.raises(SystemExit, match="already holds checkpoints: add --resume"):
+        flow.refuse_overwrite(tmp_path, [None, "step_0000002.pt"], resume=False)
+
+
+def test_load_checkpoint_round_trips_and_names_bad_files(tmp_path):
+    state = {"rng": [flow.rng_state()], "step": 7}
+    flow.save_atomic(state, tmp_path / "good.pt")
+    loaded = flow.load_checkpoint(tmp_path / "good.pt")  # NumPy states need weights_only=False
+    assert loaded["step"] == 7 and torch.equal(loaded["rng"][0]["torch"], state["rng"][0]["torch"])
+    with pytest.raises(SystemExit, match="no checkpoint at .*missing.pt"):
+        flow.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*bad.pt \(\w+\)"):
+        flow.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_gather_rng_states_is_this_process_state_without_distributed():
+    states = flow.gather_rng_states()
+    expected = torch.rand(3)
+    flow.set_rng_state(states[0])
+    assert len(states) == 1 and torch.equal(torch.rand(3), expected)
+
+
+def test_warmup_lr_is_linear_then_constant():
+    assert [flow.warmup_lr(1.0, step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert flow.warmup_lr(1e-3, 0, 0) == 1e-3  # no warm-up
+
+
+def test_trim_log_keeps_only_the_selected_records(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)) + "\n")
+    flow.trim_log(path, lambda record: record["step"] <= 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    flow.trim_log(tmp_path / "absent.jsonl", lambda record: True)  # no log yet: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()

@@ -274,3 +274,12 @@ def test_pairs_keep_each_conditioned_sample_on_its_class_prior(null_prior):
         assert torch.equal(source[~kept], y[~kept])
     else:  # the mixture: about 3 in 4 dropped samples start from another class's prior
         assert 0.5 < (source[~kept] != y[~kept]).float().mean() < 0.95
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path):
+    train(tmp_path, "--steps", 2)
+    before = digest(tmp_path / "checkpoints" / "step_0000002.pt")
+    with pytest.raises(SystemExit, match="already holds checkpoints: add --resume"):
+        train(tmp_path, "--steps", 2, "--seed", 1)
+    assert os.listdir(tmp_path / "checkpoints") == ["step_0000002.pt"]
+    assert digest(tmp_path / "checkpoints" / "step_0000002.pt") == before
