@@ -12,7 +12,8 @@ A velocity network is called as model(x_t, t, cond) with t of shape (B,); `cond`
 network takes (class labels, text embeddings) and this module never looks inside it.
 
 Contents: priors, interpolant and loss, couplings, samplers, measures, and the few training
-utilities that both trainers need (distributed setup, EMA, atomic checkpoints, RNG state, SD VAE).
+utilities that both trainers need (distributed setup, EMA, atomic checkpoints and their loading,
+RNG state, learning-rate warm-up, log trimming on resume, SD VAE).
 """
 import importlib
 import json
