@@ -67,7 +67,7 @@ def test_time_schedules():
 
 
 def test_euler_is_exact_for_a_constant_field_and_takes_exactly_n_steps():
-    velocity = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731; x(1) = x0 + 2
+    velocity = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731 -- x(1) = x0 + 2
     for nfe in (1, 3, 8):
         solution = flow.solve(velocity, torch.zeros(4, 2), nfe, "euler", trajectory=True)
         torch.testing.assert_close(solution.x, torch.full((4, 2), 2.0))  # N + 1 steps would give 2 + 2/N
@@ -76,7 +76,7 @@ def test_euler_is_exact_for_a_constant_field_and_takes_exactly_n_steps():
 
 
 def test_midpoint_is_exact_for_a_field_linear_in_time_and_euler_is_not():
-    velocity = lambda x, t: (1.0 + 6.0 * t)[:, None].expand_as(x)  # noqa: E731; x(1) = x0 + 1 + 3
+    velocity = lambda x, t: (1.0 + 6.0 * t)[:, None].expand_as(x)  # noqa: E731 -- x(1) = x0 + 1 + 3
     for steps in (1, 2, 5):
         midpoint = flow.solve(velocity, torch.zeros(3, 1), 2 * steps, "midpoint")
         torch.testing.assert_close(midpoint.x, torch.full((3, 1), 4.0))
@@ -88,7 +88,7 @@ def test_midpoint_is_exact_for_a_field_linear_in_time_and_euler_is_not():
 
 @pytest.mark.parametrize("solver, order", [("euler", 1), ("midpoint", 2)])
 def test_convergence_order_on_exponential_growth(solver, order):
-    velocity = lambda x, t: x  # noqa: E731; x(1) = e * x0
+    velocity = lambda x, t: x  # noqa: E731 -- x(1) = e * x0
     x0 = torch.ones(1, 1, dtype=torch.float64)
     errors = [abs(flow.solve(velocity, x0, n * flow.SOLVERS[solver][1], solver).x.item() - math.e) for n in (16, 32, 64)]
     rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
@@ -273,7 +273,7 @@ def test_straightness_is_zero_for_lines_and_exact_for_a_parabola():
 
 
 def test_straightness_of_euler_paths_uses_the_evaluated_velocities():
-    velocity = lambda x, t: torch.stack([torch.ones_like(t), 2 * t], -1)  # noqa: E731; v - chord = (0, 2t - 1)
+    velocity = lambda x, t: torch.stack([torch.ones_like(t), 2 * t], -1)  # noqa: E731 -- v - chord = (0, 2t - 1)
     solution = flow.solve(velocity, torch.zeros(5, 2, dtype=torch.float64), 1000, "euler", trajectory=True)
     assert flow.straightness(solution.trajectory) == pytest.approx(1 / 3, rel=1e-2)
 
