@@ -15,6 +15,7 @@ Contents: priors, interpolant and loss, couplings, samplers, measures, and the f
 utilities that both trainers need (distributed setup, EMA, atomic checkpoints and their loading,
 RNG state, learning-rate warm-up, log trimming on resume, SD VAE).
 """
+import glob
 import importlib
 import json
 import os
@@ -366,12 +367,29 @@ def refuse_overwrite(out, checkpoint_files, resume):
         raise SystemExit(f"error: {out} already holds checkpoints: add --resume to continue them, or use another --out")
 
 
+def latest_checkpoint(folder):
+    """The newest step_*.pt in `folder` (zero-padded step numbers sort by name), or None."""
+    files = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
+    return files[-1] if files else None
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run folder -> its latest checkpoints/step_*.pt; one line if neither."""
+    if os.path.isdir(path):
+        found = latest_checkpoint(os.path.join(path, "checkpoints"))
+        if found is None:
+            raise SystemExit(f"error: no checkpoints/step_*.pt in {path}")
+        path = found
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}: the file does not exist")
+    return path
+
+
 def load_checkpoint(path):
     """torch.load to CPU, or one line naming the missing or unreadable file. Checkpoints are our
     own trusted files and hold NumPy RNG states, hence weights_only=False; mmap reads a tensor from
     disk only when it is used, so peeking at a large checkpoint's metadata is cheap."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}")
+    path = resolve_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # a truncated or foreign file raises many types

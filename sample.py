@@ -28,7 +28,6 @@ Run:
 used unless --no-ema. Make REF.npz with `python fid.py ref` (see docs/metrics.md for the protocol).
 """
 import argparse
-import glob
 import importlib
 import json
 import math
@@ -49,18 +48,6 @@ TRAINERS = {"class": "train_class", "text": "train_text"}  # ckpt["kind"] -> mod
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint and conditions.
-
-
-def resolve_checkpoint(path):
-    """A checkpoint file, or a run folder -> its latest checkpoints/step_*.pt (names sort by step)."""
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")))
-        if not found:
-            raise SystemExit(f"error: no checkpoints/step_*.pt in {path}")
-        path = found[-1]
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    return path
 
 
 def load_sampler(path, device, use_ema):
@@ -194,7 +181,7 @@ def main(args):
     rank, world, device = flow.setup_distributed()
     if args.num_images < world:
         raise SystemExit(f"error: --num-images {args.num_images} is smaller than the {world} processes")
-    checkpoint = resolve_checkpoint(args.ckpt)
+    checkpoint = flow.resolve_checkpoint(args.ckpt)
     kind, sampler = load_sampler(checkpoint, device, use_ema=not args.no_ema)
     conditions = image_conditions(kind, sampler, args)
     labels = label_array(kind, conditions)

@@ -406,10 +406,6 @@ def train_step(step, model, forward, optimizer, prior, x, y, order, args, rank, 
     return total_loss, total_cost, grad_norm.item()
 
 
-def checkpoint_paths(out):
-    return sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pt")))
-
-
 def save_checkpoint(args, step, model, ema, optimizer, prior, rank):
     rng = flow.gather_rng_states()
     if rank == 0:
@@ -420,14 +416,14 @@ def save_checkpoint(args, step, model, ema, optimizer, prior, rank):
 
 def resume(args, model, ema, optimizer, rank, world_size):
     """Load the latest checkpoint in --out; return its step (0 if there is none)."""
-    paths = checkpoint_paths(args.out)
-    if not paths:
+    latest = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
+    if latest is None:
         return 0
-    checkpoint = flow.load_checkpoint(paths[-1])
+    checkpoint = flow.load_checkpoint(latest)
     saved = checkpoint.get("args", {})
     for key in CONFIG_KEYS + ("num_classes", "latent_shape"):
         if saved.get(key) != getattr(args, key):
-            raise SystemExit(f"error: {paths[-1]} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
+            raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
                              f"not {getattr(args, key)!r}: use another --out or the same options")
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
@@ -475,7 +471,7 @@ def main(args):
     rank, world_size, device = flow.setup_distributed()
     if args.global_batch % world_size:
         raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world_size} processes")
-    flow.refuse_overwrite(args.out, checkpoint_paths(args.out), args.resume)
+    flow.refuse_overwrite(args.out, [flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))], args.resume)
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -543,11 +539,7 @@ def main(args):
 
 def load_for_sampling(path, device, use_ema=True):
     """A checkpoint file (or a run folder: its latest checkpoint) -> what sample.py needs."""
-    if os.path.isdir(path):
-        paths = checkpoint_paths(path)
-        path = paths[-1] if paths else os.path.join(path, "checkpoints", "step_*.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
+    path = flow.resolve_checkpoint(path)
     checkpoint = flow.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "class":
         raise SystemExit(f"error: {path} is not a class-conditional checkpoint of train_class.py")

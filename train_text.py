@@ -41,7 +41,6 @@ Sample with sample.py, which calls `load_for_sampling` below.
 import argparse
 import contextlib
 import copy
-import glob
 import json
 import math
 import os
@@ -575,11 +574,6 @@ def batch_sizes(args, world):
     return micro, per_process // micro
 
 
-def latest_checkpoint(folder):
-    files = sorted(glob.glob(os.path.join(folder, "step_*.pt")))
-    return files[-1] if files else None
-
-
 def mapper_state(checkpoint, path):
     """The mapper weights inside a stage-1 or a text-prior flow checkpoint."""
     if "mapper" in checkpoint:
@@ -781,8 +775,7 @@ def load_for_sampling(path, device, use_ema=True):
     """A checkpoint file (or a run folder: its latest checkpoint) -> what sample.py needs (INTERFACE.md)."""
     import types
 
-    if os.path.isdir(path):  # a run folder: its latest checkpoint
-        path = latest_checkpoint(os.path.join(path, "checkpoints")) or os.path.join(path, "checkpoints", "step_*.pt")
+    path = flow.resolve_checkpoint(path)  # a run folder: its latest checkpoint
     checkpoint = flow.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "text":
         raise SystemExit(f"error: {path} is not a train_text.py checkpoint (kind {checkpoint.get('kind')!r})")
@@ -832,7 +825,7 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
     trainer = Trainer(args, rank, world, device, args.out)  # checks the batch sizes before any work
     out = args.out
-    flow_file, mapper_file = latest_checkpoint(os.path.join(out, "checkpoints")), latest_checkpoint(os.path.join(out, "mapper"))
+    flow_file, mapper_file = flow.latest_checkpoint(os.path.join(out, "checkpoints")), flow.latest_checkpoint(os.path.join(out, "mapper"))
     flow.refuse_overwrite(out, [flow_file, mapper_file], args.resume)
     if flow_file or mapper_file:
         check_resumable(args, flow_file or mapper_file)

@@ -353,6 +353,20 @@ def test_load_checkpoint_round_trips_and_names_bad_files(tmp_path):
         flow.load_checkpoint(tmp_path / "bad.pt")
 
 
+def test_resolve_checkpoint_takes_a_file_or_a_run_folders_latest_step(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoints/step_.*pt in"):
+        flow.resolve_checkpoint(str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    for step in (9, 10, 200):  # zero-padded, so the name order is the step order
+        flow.save_atomic({"step": step}, tmp_path / "checkpoints" / f"step_{step:07d}.pt")
+    latest = flow.resolve_checkpoint(str(tmp_path))
+    assert latest.endswith("step_0000200.pt") and flow.load_checkpoint(str(tmp_path))["step"] == 200
+    assert flow.resolve_checkpoint(latest) == latest
+    assert flow.latest_checkpoint(str(tmp_path / "mapper")) is None
+    with pytest.raises(SystemExit, match="no checkpoint at .*gone.pt: the file does not exist"):
+        flow.resolve_checkpoint(str(tmp_path / "gone.pt"))
+
+
 def test_gather_rng_states_is_this_process_state_without_distributed():
     states = flow.gather_rng_states()
     expected = torch.rand(3)

@@ -67,7 +67,7 @@ def test_transport_cost_of_sampled_trajectories(tmp_path, checkpoint):
     import train_class
 
     run_sample(["--ckpt", checkpoint, "--nfe", "2", "--num-images", "4", "--out", str(tmp_path)])
-    sampler = train_class.load_for_sampling(sample.resolve_checkpoint(checkpoint), "cpu")
+    sampler = train_class.load_for_sampling(flow.resolve_checkpoint(checkpoint), "cpu")
     labels = torch.arange(4)
     x0 = sampler.prior.sample(labels, sample.seeded_noise(np.arange(4), sampler.latent_shape, "cpu"))
     solution = flow.solve(lambda x, t: sampler.model(x, t, labels), x0, 2, "euler")
