@@ -432,32 +432,169 @@ def require(module, pip_name=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Latent space: the Stable Diffusion VAE (Rombach et al.), as in Dao et al., "Flow Matching in
-# Latent Space". 64x64 RGB images in [-1, 1] become 4x8x8 latents.
+# The trainer-to-sampler contract: each trainer's load_for_sampling(path, device, use_ema) returns
+# one Sampler, and sample.py needs nothing else from the trainer.
 
-VAE_SCALE = 0.18215  # SD's latent scale factor: makes the latents roughly unit variance
+
+@dataclass
+class Sampler:
+    kind: str  # "class" or "text": what the conditions are
+    model: nn.Module  # v_theta(x_t, t, cond), EMA weights unless asked otherwise, in eval mode
+    prior: nn.Module  # prior.sample(cond, noise) -> x0, in the model's (normalised) latent space
+    latent_shape: tuple  # (C, H, W) of x0
+    make_condition: object  # list of labels or captions -> the `cond` the model and prior take
+    null_condition: object  # batch size -> the null `cond` of classifier-free guidance
+    decode: object  # model-space latents -> images (B, 3, H, W) in [-1, 1]
+    options: dict  # the training run's options (args.json), for provenance
+    trained_with_dropout: bool  # whether classifier-free guidance has a trained null branch
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST (Xiao et al. 2017) in the idx format of its official release (and of Debian's
+# dataset-fashion-mnist package, /usr/share/datasets/fashion-mnist): read directly, because the
+# .gz files there differ byte-wise from the ones torchvision's downloader checks.
+
+FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot")
+
+
+def read_idx(path, dims):
+    """An idx file (gzip) -> uint8 array of `dims` dimensions; one line if it is missing or cut short."""
+    import gzip
+
+    try:
+        with gzip.open(path) as file:
+            data = file.read()
+    except (OSError, EOFError) as error:
+        raise SystemExit(f"error: cannot read {path} ({type(error).__name__}: {error})") from None
+    header = 4 + 4 * dims
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    if len(data) < header or data[2:4] != bytes([8, dims]) or len(data) != header + int(np.prod(shape)):
+        raise SystemExit(f"error: {path} is not a complete uint8 idx file of {dims} dimensions "
+                         f"(header {data[:4].hex()}, {len(data)} bytes for shape {shape})")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def load_fashion_mnist(root, split):
+    """(uint8 images (N, 28, 28), int64 labels (N,)) of split 'train' (60k) or 'test' (10k)."""
+    image_file, label_file = (os.path.join(root, name) for name in FASHION_FILES[split])
+    images, labels = read_idx(image_file, 3), read_idx(label_file, 1).astype(np.int64)
+    if len(images) != len(labels):
+        raise SystemExit(f"error: {image_file} holds {len(images)} images but {label_file} {len(labels)} labels")
+    return images, labels
+
+
+def fashion_to_rgb(images, size=64):
+    """uint8 (N, 28, 28) -> uint8 (N, 3, size, size): bilinear resize (align_corners=False), then the
+    grey channel repeated to RGB, as the autoencoders and feature networks expect."""
+    x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent space (Dao et al., "Flow Matching in Latent Space"): images are encoded once by a
+# pretrained autoencoder and the flow lives in its latent space. Two autoencoders:
+#   the Stable Diffusion VAE (diffusers' AutoencoderKL): 3x64x64 -> 4x8x8, one posterior sample
+#       scaled by 0.18215 (Rombach et al.);
+#   TAEF2 (madebyollin/taesd, MIT), a tiny deterministic autoencoder for the FLUX.2 latent space:
+#       3x64x64 -> 32x8x8, recognised as a folder holding taef2_encoder.pth and taef2_decoder.pth.
+# Both take and return images in [-1, 1]. Their latents are not unit-variance per channel: the
+# trainers standardise them with per-channel statistics of the latent cache (LatentNormalizer).
+
+VAE_SCALE = 0.18215  # SD's latent scale factor
 VAE_NAMES = {"sd-ema": "stabilityai/sd-vae-ft-ema", "sd-mse": "stabilityai/sd-vae-ft-mse"}
+TAEF2_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
 
 
-def load_vae(name, device="cpu"):
-    """AutoencoderKL from diffusers: 'sd-ema', 'sd-mse', or a local folder saved by diffusers."""
+class TinyBlock(nn.Module):
+    """TAESD block: ReLU(conv(ReLU(conv(ReLU(conv(x))))) + x); TAEF2's deepest blocks first add a
+    1x1 "pool" branch to x."""
+
+    def __init__(self, width=64, pool=False):
+        super().__init__()
+        conv = lambda: nn.Conv2d(width, width, 3, padding=1)  # noqa: E731
+        self.conv = nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU(), conv())
+        self.pool = nn.Sequential(nn.Conv2d(width, 4 * width, 1, bias=False), nn.GroupNorm(4, 4 * width),
+                                  nn.ReLU(), nn.Conv2d(4 * width, width, 1, bias=False)) if pool else None
+
+    def forward(self, x):
+        x = x + self.pool(x) if self.pool is not None else x
+        return torch.relu(self.conv(x) + x)
+
+
+class Clamp(nn.Module):
+    def forward(self, z):
+        return torch.tanh(z / 3) * 3
+
+
+def taef2_encoder(width=64, latent_channels=32):
+    """Images in [0, 1] (B, 3, H, W) -> latents (B, 32, H/8, W/8); layout of taef2_encoder.pth."""
+    down = lambda pool: [nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),  # noqa: E731
+                         *(TinyBlock(width, pool) for _ in range(3))]
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), TinyBlock(width), *down(False), *down(False),
+                         *down(True), nn.Conv2d(width, latent_channels, 3, padding=1))
+
+
+def taef2_decoder(width=64, latent_channels=32):
+    """Latents (B, 32, h, w) -> images in [0, 1] (B, 3, 8h, 8w); layout of taef2_decoder.pth."""
+    up = lambda blocks: [nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1, bias=False),  # noqa: E731
+                         *(TinyBlock(width) for _ in range(blocks))]
+    return nn.Sequential(Clamp(), nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU(),
+                         *(TinyBlock(width, pool=True) for _ in range(3)), *up(3), *up(3), *up(1),
+                         nn.Conv2d(width, 3, 3, padding=1))
+
+
+class Autoencoder(nn.Module):
+    """encode: images in [-1, 1] -> raw latents; decode: raw latents -> images in [-1, 1]."""
+
+    def __init__(self, name, encoder=None, decoder=None, vae=None):
+        super().__init__()
+        self.name, self.encoder, self.decoder, self.vae = name, encoder, decoder, vae
+
+    @torch.no_grad()
+    def encode(self, images):
+        if self.vae is not None:
+            return self.vae.encode(images).latent_dist.sample() * VAE_SCALE
+        return self.encoder((images + 1) / 2)  # TAEF2 reads images in [0, 1]
+
+    @torch.no_grad()
+    def decode(self, latents):
+        if self.vae is not None:
+            return self.vae.decode(latents / VAE_SCALE).sample.clamp(-1, 1)
+        return (self.decoder(latents) * 2 - 1).clamp(-1, 1)
+
+
+def is_taef2_folder(name):
+    return os.path.isdir(name) and all(os.path.isfile(os.path.join(name, f)) for f in TAEF2_FILES)
+
+
+def load_taef2(folder):
+    parts = []
+    for build, file in zip((taef2_encoder, taef2_decoder), TAEF2_FILES):
+        path = os.path.join(folder, file)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            module = build()
+            module.load_state_dict({k: v.float() for k, v in state.items()})  # stored as float16
+        except Exception as error:  # a foreign or truncated file raises several types
+            raise SystemExit(f"error: {path} is not a TAEF2 state dict ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:120]})") from None
+        parts.append(module)
+    return Autoencoder("taef2", encoder=parts[0], decoder=parts[1])
+
+
+def load_autoencoder(name, device="cpu"):
+    """A TAEF2 folder, or diffusers' AutoencoderKL: 'sd-ema', 'sd-mse' or a local diffusers folder."""
+    if is_taef2_folder(name):
+        return load_taef2(name).to(device).eval().requires_grad_(False)
     diffusers = require("diffusers")
     source = VAE_NAMES.get(name, name)
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(source)
     except Exception as error:  # diffusers raises several types for missing weights / no network
-        raise SystemExit(f"error: cannot load the VAE {source!r} ({type(error).__name__}); "
-                         "download it once with network access or pass a local folder") from None
-    return vae.to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def vae_encode(vae, images):
-    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), one posterior sample."""
-    return vae.encode(images).latent_dist.sample() * VAE_SCALE
-
-
-@torch.no_grad()
-def vae_decode(vae, latents):
-    """Scaled latents -> images in [-1, 1]."""
-    return vae.decode(latents / VAE_SCALE).sample.clamp(-1, 1)
+        raise SystemExit(f"error: cannot load the VAE {source!r} ({type(error).__name__}); download it "
+                         "once with network access, or pass a local diffusers or TAEF2 folder") from None
+    return Autoencoder(name, vae=vae).to(device).eval().requires_grad_(False)
