@@ -447,6 +447,7 @@ class Sampler:
     decode: object  # model-space latents -> images (B, 3, H, W) in [-1, 1]
     options: dict  # the training run's options (args.json), for provenance
     trained_with_dropout: bool  # whether classifier-free guidance has a trained null branch
+    num_classes: int = 0  # class checkpoints: labels lie in [0, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------

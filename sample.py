@@ -40,7 +40,6 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-import fid
 import flow
 
 TRAINERS = {"class": "train_class", "text": "train_text"}  # ckpt["kind"] -> module with load_for_sampling
@@ -50,13 +49,15 @@ TRAINERS = {"class": "train_class", "text": "train_text"}  # ckpt["kind"] -> mod
 # Checkpoint and conditions.
 
 
-def load_sampler(path, device, use_ema):
-    """Ask the trainer that wrote the checkpoint to rebuild it (INTERFACE: load_for_sampling)."""
-    kind = flow.load_checkpoint(path).get("kind")
+def load_sampler(path, device, use_ema, vae=None):
+    """Ask the trainer that wrote the checkpoint to rebuild it: its load_for_sampling returns the
+    flow.Sampler that is all this script uses (see flow.Sampler)."""
+    checkpoint = flow.load_checkpoint(path)
+    kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
     if kind not in TRAINERS:
         raise SystemExit(f"error: {path} has kind {kind!r}, expected one of {sorted(TRAINERS)}")
     trainer = importlib.import_module(TRAINERS[kind])
-    return kind, trainer.load_for_sampling(path, device, use_ema=use_ema)
+    return kind, trainer.load_for_sampling(path, device, use_ema=use_ema, vae=vae)
 
 
 def image_conditions(kind, sampler, args):
@@ -150,23 +151,29 @@ def save_grid(images, path):
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def class_accuracy(images, labels):
-    """Built-in digits: how often the digits classifier of fid.py agrees with the requested class."""
-    correct = fid.digits_predict(images) == labels
-    per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
-    return {"class_accuracy": float(correct.mean()), "class_accuracy_per_class": per_class}
+def class_accuracy(fid, images, features, labels, reference, options):
+    """How often a classifier of real images agrees with the requested class: the reference's
+    linear probe (e.g. Fashion-MNIST in the EffNet space), or the digits classifier for the digits."""
+    if reference.get("probe_weight") is not None:
+        return fid.class_accuracy(features, labels, reference)
+    if reference["feature_space"] == "digits" and options.get("data") == "builtin-digits":
+        correct = fid.digits_predict(images) == labels
+        per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
+        return {"class_accuracy": float(correct.mean()), "class_accuracy_per_class": per_class}
+    return {}
 
 
-def vae_floor(sampler, space, reference, args, device, rank, world):
-    """FID of VAE reconstructions of real images: no model in this latent space can do better."""
-    vae_name = sampler.args["vae"]
-    vae = flow.load_vae(vae_name, device)
+def vae_floor(fid, sampler, space, reference, args, device, rank, world):
+    """Frechet distance of autoencoder reconstructions of real images (no normalisation involved:
+    it is invertible): no model in this latent space can do better."""
+    vae_name = args.vae or sampler.options["vae"]
+    autoencoder = flow.load_autoencoder(vae_name, device)
     images = fid.load_images(args.vae_floor)
     indices = np.arange(rank, len(images), world)
     reconstructions = []
     for batch in np.array_split(indices, max(1, math.ceil(len(indices) / args.batch_size))):
         x = torch.as_tensor(images[batch]).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1
-        reconstructions.append(to_uint8(flow.vae_decode(vae, flow.vae_encode(vae, x))))
+        reconstructions.append(to_uint8(autoencoder.decode(autoencoder.encode(x))))
     features = fid.gather_in_order(space.features(np.concatenate(reconstructions)), indices, len(images))
     return {"vae": vae_name, "real_images": args.vae_floor,
             **fid.compare_to_reference(features, reference, args.kid, args.kid_subset_size)}
@@ -177,47 +184,87 @@ def write_json(data, path):
         json.dump(data, file, indent=2)
 
 
+def default_out(checkpoint):
+    """RUN/samples/step_N beside the checkpoint RUN/checkpoints/step_N.pt: every checkpoint gets
+    its own folder, so sampling another checkpoint never replaces these results."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    return os.path.join(run, "samples", os.path.splitext(os.path.basename(checkpoint))[0])
+
+
+def refuse_existing(args):
+    names = [f"{args.solver}_nfe{nfe:03d}.json" for nfe in args.nfe] + ["vae_floor.json"] * bool(args.vae_floor)
+    existing = [name for name in names if os.path.exists(os.path.join(args.out, name))]
+    if existing and not args.overwrite:
+        raise SystemExit(f"error: {args.out} already holds {existing[0]}: pass --overwrite or another --out")
+
+
+def load_metrics(args, sampler, device):
+    """fid.py (imported only when metrics are asked for), the reference and its feature space,
+    all checked before the long sampling run rather than after it."""
+    import fid
+
+    reference = fid.load_reference(args.fid_ref)
+    space = fid.load_feature_space(reference["feature_space"], device, args.inception_weights)
+    fid.check_reference(reference, space)
+    if args.kid and min(args.num_images, len(reference["features"])) < args.kid_subset_size:
+        raise SystemExit(f"error: KID subsets of {args.kid_subset_size} need --num-images and the reference to hold "
+                         f"at least that many images (got {args.num_images} and {len(reference['features'])}): "
+                         "lower --kid-subset-size")
+    if args.vae_floor and sampler.options.get("vae", "none") in (None, "none"):
+        raise SystemExit("error: --vae-floor needs a latent (autoencoder) checkpoint; this one trains on pixels")
+    return fid, reference, space
+
+
+def gather(local, indices, total):
+    """Every process's images in index order (torchrun); one process already has them all."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    import fid
+
+    return fid.gather_in_order(local, indices, total)
+
+
 def main(args):
     rank, world, device = flow.setup_distributed()
     if args.num_images < world:
         raise SystemExit(f"error: --num-images {args.num_images} is smaller than the {world} processes")
     checkpoint = flow.resolve_checkpoint(args.ckpt)
-    kind, sampler = load_sampler(checkpoint, device, use_ema=not args.no_ema)
+    kind, sampler = load_sampler(checkpoint, device, use_ema=not args.no_ema, vae=args.vae)
     conditions = image_conditions(kind, sampler, args)
     labels = label_array(kind, conditions)
-    reference = space = None
-    if args.fid_ref:  # check everything before the long sampling run, not after it
-        reference = fid.load_reference(args.fid_ref)
-        space = fid.load_feature_space(reference["feature_space"], device, args.inception_weights)
-        fid.check_reference(reference, space)
-        if args.kid and min(args.num_images, len(reference["features"])) < args.kid_subset_size:
-            raise SystemExit(f"error: KID subsets of {args.kid_subset_size} need --num-images and the reference to hold at "
-                             f"least that many images (got {args.num_images} and {len(reference['features'])}): lower --kid-subset-size")
-    elif args.vae_floor or args.kid:
+    args.out = args.out or default_out(checkpoint)
+    refuse_existing(args)
+    if args.cfg_scale != 1 and not sampler.trained_with_dropout and rank == 0:
+        print(f"warning: --cfg-scale {args.cfg_scale} on a model trained without label dropout: "
+              "its null branch was never trained, so guidance extrapolates towards an untrained output")
+    if (args.vae_floor or args.kid) and not args.fid_ref:
         raise SystemExit("error: --vae-floor and --kid need --fid-ref REF.npz")
-    if args.vae_floor and sampler.args.get("vae", "none") in (None, "none"):
-        raise SystemExit("error: --vae-floor needs a latent (VAE) checkpoint; this one trains on pixels")
+    fid, reference, space = load_metrics(args, sampler, device) if args.fid_ref else (None, None, None)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        write_json({**vars(args), "checkpoint": checkpoint, "kind": kind, "world_size": world}, os.path.join(args.out, "args.json"))
+        write_json({**vars(args), "checkpoint": checkpoint, "kind": kind, "world_size": world},
+                   os.path.join(args.out, "args.json"))
 
     indices = np.arange(rank, args.num_images, world)  # process r makes images r, r + world, ...
     for nfe in args.nfe:
-        local, transport, straight, measured, seconds = sample_images(sampler, indices, conditions, nfe, args, device, rank == 0)
+        local, transport, straight, measured, seconds = sample_images(sampler, indices, conditions, nfe, args,
+                                                                      device, rank == 0)
         transport, straight, seconds = all_reduce_sum((transport, straight, seconds), device)
         name = os.path.join(args.out, f"{args.solver}_nfe{nfe:03d}")
         result = {"kind": kind, "checkpoint": checkpoint, "ema": not args.no_ema, "solver": args.solver,
-                  "nfe_requested": nfe, "nfe": max(measured), "cfg_scale": args.cfg_scale, "num_images": args.num_images,
-                  "first_seed": args.first_seed, "world_size": world,
+                  "nfe_requested": nfe, "nfe": max(measured), "cfg_scale": args.cfg_scale,
+                  "num_images": args.num_images, "first_seed": args.first_seed, "world_size": world,
                   "seconds_per_image": seconds / args.num_images,  # process-seconds: comparable across world sizes
                   "transport_cost": transport / args.num_images, "straightness": straight / args.num_images}
-        if reference is not None:  # FID/KID straight from memory, no image written
-            features = fid.gather_in_order(space.features(local), indices, args.num_images)
-            result.update(fid.compare_to_reference(features, reference, args.kid, args.kid_subset_size) if rank == 0 else {})
-            if space.name == "digits" and kind == "class" and sampler.args.get("data") == "builtin-digits":
-                result.update(class_accuracy(fid.gather_in_order(local, indices, args.num_images), labels) if rank == 0 else {})
+        if reference is not None:  # metrics straight from memory, no image written
+            features = gather(space.features(local), indices, args.num_images)
+            images = gather(local, indices, args.num_images)
+            if rank == 0:
+                result.update(fid.compare_to_reference(features, reference, args.kid, args.kid_subset_size))
+                if kind == "class":
+                    result.update(class_accuracy(fid, images, features, labels, reference, sampler.options))
         else:
-            images = fid.gather_in_order(local, indices, args.num_images)
+            images = gather(local, indices, args.num_images)
             if rank == 0:
                 save_grid(images[:args.grid], name + ".png")
                 np.savez(name + ".npz", images, labels)
@@ -228,7 +275,7 @@ def main(args):
             write_json(result, name + ".json")
             print(json.dumps(result))
     if args.vae_floor:
-        floor = vae_floor(sampler, space, reference, args, device, rank, world)
+        floor = vae_floor(fid, sampler, space, reference, args, device, rank, world)
         if rank == 0:
             write_json(floor, os.path.join(args.out, "vae_floor.json"))
             print(json.dumps(floor))
@@ -239,7 +286,10 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
-    parser.add_argument("--out", default="runs/samples", help="output folder")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/step_N of the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    parser.add_argument("--vae", default=None,
+                        help="autoencoder to decode with instead of the checkpoint's (e.g. its folder moved)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="NFE budgets to sample at")
     parser.add_argument("--solver", default="euler", choices=list(flow.SOLVERS), help="fixed-step ODE solver (midpoint: 2 NFE per step)")
     parser.add_argument("--num-images", type=int, default=64, help="number of images (not --num: torchrun would take that for its --numa-binding)")
@@ -252,7 +302,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
     parser.add_argument("--fid-ref", default=None, help="REF.npz from `fid.py ref`: compute FID right after sampling, write no images")
     parser.add_argument("--kid", action="store_true", help="with --fid-ref: also compute KID")
-    parser.add_argument("--kid-subset-size", type=int, default=fid.KID_DEFAULTS["subset_size"], help="images per KID subset")
+    parser.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (torch-fidelity's default)")
     parser.add_argument("--inception-weights", default=None, help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
     parser.add_argument("--vae-floor", default=None, help="real images (folder, npz): also report the FID of their VAE reconstructions")
     args = parser.parse_args(argv)

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import time
-import types
 from contextlib import nullcontext
 
 import numpy as np
@@ -54,13 +53,17 @@ import flow
 BUILTIN_DIGITS = "builtin-digits"
 # Arguments that define the model, the method and the data: a checkpoint made with other values
 # cannot be resumed. Everything else (steps, logging, batch cap, compile) may change on resume.
-CONFIG_KEYS = ("data", "vae", "image_size", "model", "prior", "prior_sigma", "prior_spread", "coupling",
-               "cfg_dropout", "cfg_null_prior", "global_batch", "lr", "weight_decay", "warmup_steps",
-               "grad_clip", "ema_decay", "seed")
+CONFIG_KEYS = ("data", "max_train_images", "image_size", "vae", "model", "patch_size", "prior", "prior_sigma",
+               "prior_spread", "coupling", "time_schedule", "cfg_dropout", "cfg_null_prior", "global_batch", "lr",
+               "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "precision", "seed")
 
 # ----------------------------------------------------------------------------------------------
 # Data. Everything becomes (x, y): x (N, C, H, W), either uint8 pixels (0..255) or float model
-# inputs (latents, or digits already in [-1, 1]), and y (N,) int64 labels in [0, num_classes).
+# inputs (normalised latents, or digits already in [-1, 1]), and y (N,) int64 labels in
+# [0, num_classes).
+
+DATA_SETS = ("builtin-digits", "fashion-mnist", "imagenet64", "image-folder")
+NATURAL_SIZE = {"builtin-digits": 8, "fashion-mnist": 64, "imagenet64": 64, "image-folder": 64}
 
 
 def load_digits_train():
@@ -77,9 +80,8 @@ def imagenet_npz_files(path):
     """The official Downsampled ImageNet release: train_data_batch_1..10 (with or without .npz)."""
     if os.path.isfile(path):
         return [path]
-    files = sorted(glob.glob(os.path.join(path, "train_data_batch_*")),
-                   key=lambda name: int("".join(filter(str.isdigit, os.path.basename(name))) or 0))
-    return files
+    return sorted(glob.glob(os.path.join(path, "train_data_batch_*")),
+                  key=lambda name: int("".join(filter(str.isdigit, os.path.basename(name))) or 0))
 
 
 def read_imagenet_npz(path):
@@ -113,18 +115,31 @@ def image_folder(path, image_size):
 
 
 def image_batches(args, rank, world_size, batch_size=256):
-    """Yield (uint8 images (B, 3, S, S), labels) of this rank's share, and return num_classes."""
-    files = imagenet_npz_files(args.data)
-    if files:
+    """Yield (uint8 images (B, 3, S, S), labels) of this rank's share, in data order, and return
+    num_classes. Shares are contiguous, so the ranks' shares concatenated keep the data order."""
+    limit = args.max_train_images
+    if args.data == "fashion-mnist":  # 28x28 grey -> 64x64 RGB, bilinear (flow.fashion_to_rgb)
+        images, labels = flow.load_fashion_mnist(args.data_root, "train")
+        images, labels = images[:limit], torch.from_numpy(labels[:limit])
+        share = np.array_split(np.arange(len(images)), world_size)[rank]
+        chunks = np.array_split(share, max(1, math.ceil(len(share) / batch_size)))
+        return ((flow.fashion_to_rgb(images[c], args.image_size), labels[c]) for c in chunks), 10
+    if args.data == "imagenet64":
+        files = imagenet_npz_files(args.data_root)
+        if not files:
+            raise SystemExit(f"error: no train_data_batch_* files in {args.data_root}")
+
         def batches():
             for path in files[rank::world_size]:
                 images, labels = read_imagenet_npz(path)
-                yield from zip(images.split(batch_size), labels.split(batch_size))
+                yield from zip(images[:limit].split(batch_size), labels[:limit].split(batch_size))
         return batches(), 1000
-    dataset = image_folder(args.data, args.image_size)
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=min(8, os.cpu_count()))
-    return iter(loader), len(dataset.classes)
+    dataset = image_folder(args.data_root, args.image_size)
+    dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), limit or len(dataset))))
+    share = np.array_split(np.arange(len(dataset)), world_size)[rank].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size,
+                                         num_workers=args.workers)
+    return iter(loader), len(dataset.dataset.classes)
 
 
 def load_pixels(args):
@@ -135,55 +150,84 @@ def load_pixels(args):
 
 
 def encode_to_cache(args, cache, rank, world_size, device):
-    """Encode every image and its mirror image once with the VAE; each rank writes its share."""
-    vae = flow.load_vae(args.vae, device)
-    torch.manual_seed(args.seed + rank)  # the posterior sample of each latent is reproducible
+    """Encode every image and its mirror image once; each rank writes its share of raw latents."""
+    autoencoder = flow.load_autoencoder(args.vae, device)
+    torch.manual_seed(args.seed + rank)  # an SD VAE latent is a posterior sample: make it reproducible
     batches, num_classes = image_batches(args, rank, world_size)
-    latents, labels = [], []
-    for images, y in tqdm(batches, desc="encode", disable=rank != 0):
+    latents, flipped, labels = [], [], []
+    progress = tqdm(batches, desc="encode", unit="batch", disable=rank != 0 or args.quiet)
+    start, done = time.perf_counter(), 0
+    for images, y in progress:
         images = images.to(device).float() / 127.5 - 1
-        for view in (images, images.flip(-1)):  # horizontal flips, cached as extra examples
-            latents.append(flow.vae_encode(vae, view).float().cpu())
-            labels.append(y)
+        latents.append(autoencoder.encode(images).float().cpu())
+        flipped.append(autoencoder.encode(images.flip(-1)).float().cpu())  # flips: extra examples
+        labels.append(y)
+        done += 2 * len(y)
+        progress.set_postfix(images_per_s=f"{done * world_size / (time.perf_counter() - start):.0f}")
     if latents:  # a rank may get no share (more processes than npz files)
-        np.save(os.path.join(cache, f"latents_rank{rank}.npy"), torch.cat(latents).numpy())
-        np.save(os.path.join(cache, f"labels_rank{rank}.npy"), torch.cat(labels).numpy())
+        for name, parts in (("latents", latents), ("flipped", flipped), ("labels", labels)):
+            np.save(os.path.join(cache, f"{name}_rank{rank}.npy"), torch.cat(parts).numpy())
     return num_classes
 
 
+def read_cache(cache, name, world_size):
+    parts = [os.path.join(cache, f"{name}_rank{r}.npy") for r in range(world_size)]
+    return np.concatenate([np.load(path) for path in parts if os.path.isfile(path)])
+
+
+def channel_statistics(latents):
+    """Per-channel mean and std of latents (N, C, H, W), in float64 over every position."""
+    flat = torch.from_numpy(latents).double().transpose(0, 1).reshape(latents.shape[1], -1)
+    return flat.mean(1).tolist(), flat.std(1).tolist()
+
+
 def load_latents(args, rank, world_size, device):
-    """Latents from the cache, encoding them first if the cache is not complete."""
+    """Normalised latents from the cache, encoding them first if the cache is not complete.
+
+    The raw latents of an autoencoder are far from unit variance per channel (TAEF2 on
+    Fashion-MNIST: channel means -0.76..0.60, stds 0.30..1.42), which would make N(0, I) and
+    sigma mean different things in every channel. So x = (z - mean_c) / std_c, with the
+    per-channel statistics of the whole cache (flips included), kept with the cache and in every
+    checkpoint; decoding undoes it (make_decoder)."""
     cache = args.latent_cache or os.path.join(args.out, "latents")
     info_path = os.path.join(cache, "info.json")
-    wanted = {"data": os.path.abspath(args.data), "vae": args.vae, "image_size": args.image_size}
+    wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "vae": args.vae,
+              "image_size": args.image_size}
     if not os.path.isfile(info_path):
         os.makedirs(cache, exist_ok=True)
         num_classes = encode_to_cache(args, cache, rank, world_size, device)
         barrier()
         if rank == 0:
-            info = dict(wanted, num_classes=num_classes, world_size=world_size)
+            raw = np.concatenate([read_cache(cache, "latents", world_size), read_cache(cache, "flipped", world_size)])
+            mean, std = channel_statistics(raw)
+            info = dict(wanted, num_images=len(raw) // 2, num_classes=num_classes, world_size=world_size,
+                        latent_mean=mean, latent_std=std)
             save_json(info, info_path)  # written last: its presence marks a complete cache
         barrier()
     with open(info_path) as file:
         info = json.load(file)
-    if any(info[key] != value for key, value in wanted.items()):
-        raise SystemExit(f"error: latent cache {cache} was made from {info}, not {wanted}: pass another --latent-cache")
-    parts = [r for r in range(info["world_size"]) if os.path.isfile(os.path.join(cache, f"labels_rank{r}.npy"))]
-    x = np.concatenate([np.load(os.path.join(cache, f"latents_rank{r}.npy")) for r in parts])
-    y = np.concatenate([np.load(os.path.join(cache, f"labels_rank{r}.npy")) for r in parts])
-    return torch.from_numpy(x), torch.from_numpy(y), info["num_classes"]
+    if any(info.get(key) != value for key, value in wanted.items()):
+        made = {key: info.get(key) for key in wanted}
+        raise SystemExit(f"error: latent cache {cache} was made from {made}, not {wanted}: pass another --latent-cache")
+    if args.max_train_images and info["num_images"] < args.max_train_images:
+        raise SystemExit(f"error: latent cache {cache} holds {info['num_images']} images, fewer than "
+                         f"--max-train-images {args.max_train_images}: pass another --latent-cache")
+    count = args.max_train_images or info["num_images"]
+    latents, flipped = (read_cache(cache, name, info["world_size"])[:count] for name in ("latents", "flipped"))
+    labels = torch.from_numpy(read_cache(cache, "labels", info["world_size"])[:count])
+    mean, std = (torch.tensor(info[key]).reshape(-1, 1, 1) for key in ("latent_mean", "latent_std"))
+    x = (torch.from_numpy(np.concatenate([latents, flipped])) - mean) / std
+    return x, torch.cat([labels, labels]), info["num_classes"], {"latent_mean": info["latent_mean"],
+                                                                    "latent_std": info["latent_std"]}
 
 
 def load_data(args, rank, world_size, device):
-    """(x, y, num_classes) for --data and --vae; x as described at the top of this section."""
-    if args.data == BUILTIN_DIGITS:
-        if args.vae != "none":
-            raise SystemExit("error: the built-in digits are 8x8 gray pixels: use --vae none")
-        return load_digits_train()
-    if not os.path.exists(args.data):
-        raise SystemExit(f"error: data path {args.data} does not exist")
+    """(x, y, num_classes, normalisation) for --data and --vae; x as described at the top of this
+    section; normalisation holds the latent statistics (empty for pixels)."""
+    if args.data == "builtin-digits":
+        return (*load_digits_train(), {})
     if args.vae == "none":
-        return load_pixels(args)
+        return (*load_pixels(args), {})
     return load_latents(args, rank, world_size, device)
 
 
@@ -218,11 +262,12 @@ class BatchOrder:
 # ----------------------------------------------------------------------------------------------
 # Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
 
-MODELS = {  # name: width, depth, heads, patch size
-    "tiny": dict(width=64, depth=4, heads=4, patch=2),  # built-in 8x8 digits on a CPU
-    "S": dict(width=384, depth=12, heads=6, patch=2),  # DiT-S/2
-    "B": dict(width=768, depth=12, heads=12, patch=2),  # DiT-B/2
-    "L": dict(width=1024, depth=24, heads=16, patch=2),  # DiT-L/2
+MODELS = {  # name: width, depth, heads (with --patch-size 2: DiT-S/2, B/2, L/2)
+    "tiny": dict(width=64, depth=4, heads=4),  # built-in 8x8 digits on a CPU
+    "small": dict(width=256, depth=6, heads=4),  # Fashion-MNIST latents, minutes on one GPU
+    "S": dict(width=384, depth=12, heads=6),
+    "B": dict(width=768, depth=12, heads=12),
+    "L": dict(width=1024, depth=24, heads=16),
 }
 
 
@@ -311,14 +356,15 @@ class DiT(nn.Module):
         return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)
 
 
-def build_model(args):
-    return DiT(tuple(args.latent_shape), args.num_classes, **MODELS[args.model])
+def build_model(args, config):
+    return DiT(tuple(config["latent_shape"]), config["num_classes"], patch=args.patch_size, **MODELS[args.model])
 
 
-def build_prior(args):
+def build_prior(args, config):
     if args.prior == "gaussian":
-        return flow.GaussianPrior(args.latent_shape)
-    return flow.ClassPrior(args.num_classes, args.latent_shape, sigma=args.prior_sigma, spread=args.prior_spread)
+        return flow.GaussianPrior(config["latent_shape"])
+    return flow.ClassPrior(config["num_classes"], config["latent_shape"], sigma=args.prior_sigma,
+                           spread=args.prior_spread)
 
 
 @torch.no_grad()
@@ -355,13 +401,13 @@ def ema_decay(step, args):
     return min(args.ema_decay, (1 + step) / (10 + step))
 
 
-def sample_pairs(prior, x1, y, args):
+def sample_pairs(prior, x1, y, num_classes, args):
     """Prior samples x0 paired with the data x1, and the labels the network sees.
 
     Classifier-free guidance: each label is dropped to the null class with probability
     --cfg-dropout. The dropped sample's x0 comes from the prior of a random class drawn by class
     frequency (--cfg-null-prior mixture: the marginal prior, so v_null is the unconditional flow) or
-    from its own class prior (class). With `class` the null branch can read the class off where x_t
+    from its own class prior (own). With `own` the null branch can read the class off where x_t
     lies, so v_null ~ v_c and guidance has little to amplify: on the digits guidance then barely
     changes the samples, while with `mixture` it improves FD at NFE 4 (docs/train_class.md).
     """
@@ -373,25 +419,31 @@ def sample_pairs(prior, x1, y, args):
     x0 = prior.sample(prior_labels)
     # With the class prior each x0 belongs to its class: OT may only re-pair within a class.
     x0 = flow.couple(x0, x1, args.coupling, groups=prior_labels if args.prior == "class" else None)
-    labels = torch.where(dropped, torch.full_like(y, args.num_classes), y)
+    labels = torch.where(dropped, torch.full_like(y, num_classes), y)
     return x0, labels
 
 
-def train_step(step, model, forward, optimizer, prior, x, y, order, args, rank, world_size, device):
+def autocast(args, device):
+    """bf16 autocast on CUDA with --precision bf16; CPUs run float32."""
+    if device.type == "cuda" and args.precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(step, model, forward, optimizer, prior, x, y, order, config, args, rank, world_size, device):
     """One optimizer step on global batch `step`, accumulated over micro-batches of at most
     --max-batch-per-gpu; returns (loss, transport cost, gradient norm) of this rank."""
     index = order.indices(step, rank, world_size)
     micro_batches = index.split(args.max_batch_per_gpu)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     total_loss = total_cost = 0.0
     for i, micro in enumerate(micro_batches):
         x1, labels = to_model_space(x[micro]).to(device), y[micro].to(device)
-        x0, cond = sample_pairs(prior, x1, labels, args)  # OT pairs within each micro-batch
+        x0, cond = sample_pairs(prior, x1, labels, config["num_classes"], args)  # OT within each micro-batch
         # DDP all-reduces gradients only on the last micro-batch.
         sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
         with sync:
-            with autocast:  # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
-                loss = flow.flow_matching_loss(forward, x0, x1, cond)
+            with autocast(args, device):  # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
+                loss = flow.flow_matching_loss(forward, x0, x1, cond, args.time_schedule)
             (loss * len(micro) / len(index)).backward()  # the mean over this rank's whole batch
         total_loss += loss.item() * len(micro) / len(index)
         total_cost += flow.transport_cost(x0, x1) * len(micro) / len(index)
@@ -399,32 +451,35 @@ def train_step(step, model, forward, optimizer, prior, x, y, order, args, rank, 
         group["lr"] = flow.warmup_lr(args.lr, step, args.warmup_steps)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # clip BEFORE the step
     if not (math.isfinite(total_loss) and torch.isfinite(grad_norm)):
-        raise SystemExit(f"error: non-finite loss {total_loss} or gradient norm at step {step + 1}; "
-                         f"nothing saved for this step, the last checkpoint in {args.out}/checkpoints is intact")
+        raise SystemExit(f"error: non-finite loss {total_loss} or gradient norm at step {step + 1}; nothing "
+                         f"saved for this step, the last checkpoint in {args.out}/checkpoints is intact")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss, total_cost, grad_norm.item()
 
 
-def save_checkpoint(args, step, model, ema, optimizer, prior, rank):
+def save_checkpoint(args, config, step, model, ema, optimizer, prior, rank):
     rng = flow.gather_rng_states()
     if rank == 0:
-        checkpoint = {"kind": "class", "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
-                      "opt": optimizer.state_dict(), "step": step, "prior": prior.state_dict(), "rng": rng}
+        checkpoint = {"kind": "class", "args": vars(args), "config": config, "model": model.state_dict(),
+                      "ema": ema.state_dict(), "opt": optimizer.state_dict(), "step": step,
+                      "prior": prior.state_dict(), "rng": rng}
         flow.save_atomic(checkpoint, os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt"))
 
 
-def resume(args, model, ema, optimizer, rank, world_size):
+def resume(args, config, model, ema, optimizer, rank, world_size):
     """Load the latest checkpoint in --out; return its step (0 if there is none)."""
     latest = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
     if latest is None:
         return 0
     checkpoint = flow.load_checkpoint(latest)
     saved = checkpoint.get("args", {})
-    for key in CONFIG_KEYS + ("num_classes", "latent_shape"):
+    for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
             raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
                              f"not {getattr(args, key)!r}: use another --out or the same options")
+    if checkpoint.get("config") != config:
+        raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): use another --out")
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["opt"])
@@ -436,15 +491,16 @@ def resume(args, model, ema, optimizer, rank, world_size):
 
 
 @torch.no_grad()
-def save_sample_grids(args, step, ema, prior, decode, device):
+def save_sample_grids(args, config, step, ema, prior, decode, device):
     """EMA samples, one row per class (at most 10 classes, evenly spaced), at every --sample-nfe."""
-    classes = torch.linspace(0, args.num_classes - 1, min(10, args.num_classes)).round().long()
-    labels = classes.repeat_interleave(8).to(device)
-    noise = torch.randn(len(labels), *args.latent_shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    x0 = prior.sample(labels, noise)  # a fixed generator: grids are comparable across steps
-    velocity = flow.guided_velocity(ema, labels, torch.full_like(labels, args.num_classes), args.sample_cfg)
     from torchvision.utils import save_image
 
+    num_classes = config["num_classes"]
+    classes = torch.linspace(0, num_classes - 1, min(10, num_classes)).round().long()
+    labels = classes.repeat_interleave(8).to(device)
+    generator = torch.Generator().manual_seed(args.seed)  # a fixed generator: grids compare across steps
+    x0 = prior.sample(labels, torch.randn(len(labels), *config["latent_shape"], generator=generator).to(device))
+    velocity = flow.guided_velocity(ema, labels, torch.full_like(labels, num_classes), args.sample_cfg)
     for nfe in args.sample_nfe:
         images = decode(flow.solve(velocity, x0, nfe, "euler").x)
         if images.shape[-1] < 32:  # 8x8 digits: enlarge (nearest) so the grid is readable
@@ -452,17 +508,20 @@ def save_sample_grids(args, step, ema, prior, decode, device):
         save_image((images + 1) / 2, os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png"), nrow=8)
 
 
-def make_decoder(vae_name, device):
-    """Latents -> images in [-1, 1] with 3 channels; the VAE is loaded on first use."""
-    vae = None
+def make_decoder(vae, config, device):
+    """Model-space latents -> images in [-1, 1] with 3 channels: undo the latent normalisation,
+    then decode with the autoencoder, loaded on first use."""
+    autoencoder = None
 
     def decode(latents):
-        nonlocal vae
-        if vae_name == "none":
+        nonlocal autoencoder
+        if vae == "none":
             images = latents.float().clamp(-1, 1)
             return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
-        vae = vae or flow.load_vae(vae_name, device)
-        return flow.vae_decode(vae, latents.float())
+        autoencoder = autoencoder or flow.load_autoencoder(vae, device)
+        mean, std = (torch.tensor(config[key], device=latents.device).reshape(-1, 1, 1)
+                     for key in ("latent_mean", "latent_std"))
+        return autoencoder.decode(latents.float() * std + mean)
 
     return decode
 
@@ -475,39 +534,40 @@ def main(args):
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    x, y, args.num_classes = load_data(args, rank, world_size, device)
-    if len(y) == 0 or y.min() < 0 or y.max() >= args.num_classes:
-        raise SystemExit(f"error: labels must lie in [0, {args.num_classes}) and data must not be empty")
-    args.latent_shape = list(x.shape[1:])
+    x, y, num_classes, normalisation = load_data(args, rank, world_size, device)
+    if len(y) == 0 or y.min() < 0 or y.max() >= num_classes:
+        raise SystemExit(f"error: labels must lie in [0, {num_classes}) and data must not be empty")
+    config = {"num_classes": num_classes, "latent_shape": list(x.shape[1:]), **normalisation}
 
-    prior = build_prior(args).to(device)
+    prior = build_prior(args, config).to(device)
     if args.prior == "class":
         fit_class_prior(prior, x, y, rank, world_size, device)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args).to(device)
+    model = build_model(args, config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = resume(args, model, ema, optimizer, rank, world_size) if args.resume else 0
+    step = resume(args, config, model, ema, optimizer, rank, world_size) if args.resume else 0
     if step == 0:
         torch.manual_seed(args.seed + rank)  # noise (prior samples, t, label dropout) differs by rank
     forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(forward) if args.compile else forward
     order = BatchOrder(len(x), args.global_batch, args.seed)
-    decode = make_decoder(args.vae, device)
+    decode = make_decoder(args.vae, config, device)
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         save_json(vars(args), os.path.join(args.out, "args.json"))
         flow.trim_log(log_path, lambda record: record["step"] <= step)  # resumed: drop lines after the checkpoint
-        print(f"{len(x)} training examples of shape {args.latent_shape}, {args.num_classes} classes, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es) on {device}")
+        print(f"{len(x)} training examples of shape {config['latent_shape']}, {num_classes} classes, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{world_size} process(es) on {device}")
 
     sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
-    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0)
+    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0 or args.quiet)
     for step in progress:
-        loss, cost, grad_norm = train_step(step, model, forward, optimizer, prior, x, y, order, args,
+        loss, cost, grad_norm = train_step(step, model, forward, optimizer, prior, x, y, order, config, args,
                                            rank, world_size, device)
         flow.update_ema(ema, model, ema_decay(step, args))
         sums += torch.tensor([loss, cost, 1.0], dtype=torch.float64)
@@ -519,15 +579,18 @@ def main(args):
             record = {"step": done, "loss": loss_sum / count, "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
                       "images_per_s": args.global_batch * count / world_size / elapsed,
                       "transport_cost": cost_sum / count, "grad_norm": grad_norm}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if rank == 0:
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 with open(log_path, "a") as file:
                     file.write(json.dumps(record) + "\n")
             sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
-        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
-            save_sample_grids(args, done, ema.eval(), prior, decode, device)
+        # The checkpoint first: a failing sample grid must not lose the training since the last one.
         if done % args.ckpt_every == 0 or done == args.steps:
-            save_checkpoint(args, done, model, ema, optimizer, prior, rank)
+            save_checkpoint(args, config, done, model, ema, optimizer, prior, rank)
+        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
+            save_sample_grids(args, config, done, ema.eval(), prior, decode, device)
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -537,19 +600,20 @@ def main(args):
 # Loading for sampling (sample.py).
 
 
-def load_for_sampling(path, device, use_ema=True):
-    """A checkpoint file (or a run folder: its latest checkpoint) -> what sample.py needs."""
+def load_for_sampling(path, device, use_ema=True, vae=None):
+    """A checkpoint file (or a run folder: its latest checkpoint) -> the flow.Sampler sample.py
+    uses. `vae` overrides the autoencoder recorded in the checkpoint (a folder that moved)."""
     path = flow.resolve_checkpoint(path)
     checkpoint = flow.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "class":
         raise SystemExit(f"error: {path} is not a class-conditional checkpoint of train_class.py")
-    args = types.SimpleNamespace(**checkpoint["args"])
+    args, config = argparse.Namespace(**checkpoint["args"]), checkpoint["config"]
     device = torch.device(device)
-    model = build_model(args)
+    model = build_model(args, config)
     model.load_state_dict(checkpoint["ema" if use_ema else "model"])
-    prior = build_prior(args)
+    prior = build_prior(args, config)
     prior.load_state_dict(checkpoint["prior"])
-    num_classes = args.num_classes
+    num_classes = config["num_classes"]
 
     def make_condition(labels):
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -557,52 +621,101 @@ def load_for_sampling(path, device, use_ema=True):
             raise SystemExit(f"error: class labels must lie in [0, {num_classes})")
         return labels.to(device)
 
-    return types.SimpleNamespace(
-        model=model.to(device).eval().requires_grad_(False), prior=prior.to(device).eval(),
-        latent_shape=tuple(args.latent_shape), make_condition=make_condition,
+    return flow.Sampler(
+        kind="class", model=model.to(device).eval().requires_grad_(False), prior=prior.to(device).eval(),
+        latent_shape=tuple(config["latent_shape"]), make_condition=make_condition,
         null_condition=lambda batch: torch.full((batch,), num_classes, dtype=torch.int64, device=device),
-        decode=make_decoder(args.vae, device), num_classes=num_classes, args=checkpoint["args"])
+        decode=make_decoder(vae or args.vae, config, device), options=checkpoint["args"],
+        trained_with_dropout=args.cfg_dropout > 0, num_classes=num_classes)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default=BUILTIN_DIGITS,
-                        help=f"'{BUILTIN_DIGITS}', a Downsampled ImageNet folder (train_data_batch_*) or npz batch, or an ImageFolder tree")
-    parser.add_argument("--vae", default="none", help="'none' (train on pixels), 'sd-ema', 'sd-mse', or a local diffusers AutoencoderKL folder")
-    parser.add_argument("--latent-cache", default=None, help="folder for the encoded latents (default OUT/latents); share it between runs")
-    parser.add_argument("--image-size", type=int, default=64, help="ImageFolder images are resized and centre-cropped to this size")
-    parser.add_argument("--model", default="tiny", choices=list(MODELS), help="DiT size preset (patch 2)")
-    parser.add_argument("--prior", default="class", choices=["gaussian", "class"], help="N(0, I) (CondOT) or N(m(c), sigma^2 I)")
-    parser.add_argument("--prior-sigma", type=float, default=0.5, help="sigma of the class prior")
-    parser.add_argument("--prior-spread", default="fixed", choices=["fixed", "class"], help="sigma for every class, or sigma times the class's own std")
-    parser.add_argument("--coupling", default="independent", choices=["independent", "ot"], help="pairs as drawn, or minibatch OT (within a class for the class prior)")
-    parser.add_argument("--cfg-dropout", type=float, default=0.0, help="probability of dropping a label to the null class (CFG training)")
-    parser.add_argument("--cfg-null-prior", default="mixture", choices=["mixture", "class"], help="class prior: dropped-label samples start from a random class's prior (the mixture) or their own class's")
-    parser.add_argument("--steps", type=int, default=1200, help="total optimizer steps")
-    parser.add_argument("--global-batch", type=int, default=64, help="images per optimizer step, over all processes")
-    parser.add_argument("--max-batch-per-gpu", type=int, default=512, help="micro-batch cap per process; larger batches accumulate gradients")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
-    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step (after a warmup, see ema_decay)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise (offset by rank)")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
-    parser.add_argument("--sample-every", type=int, default=600, help="steps between EMA sample grids")
-    parser.add_argument("--sample-nfe", type=int, nargs="+", default=[1, 4, 16], help="NFEs (Euler) of the sample grids")
-    parser.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale of the sample grids")
-    parser.add_argument("--ckpt-every", type=int, default=600, help="steps between checkpoints")
-    parser.add_argument("--out", default="runs/train_class", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add = parser.add_argument
+    # Data.
+    add("--data", default="builtin-digits", choices=DATA_SETS,
+        help="built-in scikit-learn digits (offline), Fashion-MNIST idx files, the Downsampled ImageNet npz "
+             "release, or an ImageFolder tree")
+    add("--data-root", default=None, help="folder of the data set (not for builtin-digits)")
+    add("--max-train-images", type=int, default=None, help="use only the first N training images (quick runs)")
+    add("--image-size", type=int, default=None,
+        help="image side in pixels (default: the data set's, 64 for Fashion-MNIST and ImageFolder)")
+    add("--vae", default="none", help="'none' (train on pixels), 'sd-ema', 'sd-mse', a local diffusers "
+                                      "AutoencoderKL folder, or a folder with taef2_encoder.pth and taef2_decoder.pth")
+    add("--latent-cache", default=None, help="folder for the encoded latents (default OUT/latents); share it between runs")
+    add("--workers", type=int, default=4, help="image-reading workers while building an ImageFolder latent cache")
+    # Model and method.
+    add("--model", default="tiny", choices=list(MODELS), help="DiT size preset")
+    add("--patch-size", type=int, default=2, help="DiT patch side in latent pixels")
+    add("--prior", default="class", choices=["gaussian", "class"], help="N(0, I) (CondOT) or N(m(c), sigma^2 I)")
+    add("--prior-sigma", type=float, default=0.5, help="sigma of the class prior")
+    add("--prior-spread", default="fixed", choices=["fixed", "class"],
+        help="sigma for every class, or sigma times the class's own std")
+    add("--coupling", default="independent", choices=["independent", "ot"],
+        help="pairs as drawn, or minibatch OT (within a class for the class prior)")
+    add("--time-schedule", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
+    add("--cfg-dropout", type=float, default=0.0, help="probability of dropping a label to the null class (CFG training)")
+    add("--cfg-null-prior", default="mixture", choices=["mixture", "own"],
+        help="class prior: dropped-label samples start from a random class's prior (the mixture) or their own")
+    # Optimisation.
+    add("--steps", type=int, default=1200, help="total optimizer steps")
+    add("--global-batch", type=int, default=64, help="images per optimizer step, over all processes")
+    add("--max-batch-per-gpu", type=int, default=512, help="micro-batch cap per process; larger batches accumulate gradients")
+    add("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
+    add("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    add("--ema-decay", type=float, default=0.999, help="EMA decay per step (after a warmup, see ema_decay)")
+    add("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast precision on CUDA (CPU runs fp32)")
+    add("--compile", action="store_true", help="torch.compile the network")
+    add("--seed", type=int, default=0, help="seed for weights, data order and noise (offset by rank)")
+    # Logging, samples, checkpoints.
+    add("--log-every", type=int, default=50, help="steps between log.jsonl lines")
+    add("--sample-every", type=int, default=600, help="steps between EMA sample grids")
+    add("--sample-nfe", type=int, nargs="+", default=[1, 4, 16], help="NFEs (Euler) of the sample grids")
+    add("--sample-cfg", type=float, default=1.0, help="guidance scale of the sample grids")
+    add("--ckpt-every", type=int, default=600, help="steps between checkpoints")
+    add("--out", default="runs/train_class", help="output folder")
+    add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Every option checked before any data is read; fills in the data set's default image size."""
+    if args.data == "builtin-digits":
+        if args.vae != "none" or args.data_root or args.image_size not in (None, 8):
+            parser.error("the built-in digits are 8x8 gray pixels: no --vae, --data-root or --image-size")
+    elif not args.data_root or not os.path.exists(args.data_root):
+        parser.error(f"--data {args.data} needs --data-root pointing to the data (got {args.data_root!r})")
+    args.image_size = args.image_size or NATURAL_SIZE[args.data]
+    if os.path.isdir(args.vae):  # recorded in the checkpoint: absolute, so sample.py finds it from anywhere
+        args.vae = os.path.abspath(args.vae)
+    if args.data == "fashion-mnist":
+        missing = [name for names in flow.FASHION_FILES.values() for name in names[:2]
+                   if not os.path.isfile(os.path.join(args.data_root, name))]
+        if missing:
+            parser.error(f"--data-root {args.data_root} lacks the Fashion-MNIST files {missing}")
+    if args.vae not in ("none", *flow.VAE_NAMES) and not os.path.isdir(args.vae):
+        parser.error(f"--vae {args.vae}: not 'none', 'sd-ema', 'sd-mse' or an existing folder")
     if not 0 <= args.cfg_dropout < 1:
         parser.error("--cfg-dropout must lie in [0, 1)")
-    for name in ("steps", "global_batch", "max_batch_per_gpu", "log_every", "sample_every", "ckpt_every"):
+    for name in ("steps", "global_batch", "max_batch_per_gpu", "log_every", "sample_every", "ckpt_every",
+                 "patch_size", "warmup_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    return args
+    for name in ("lr", "grad_clip", "prior_sigma"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_train_images is not None and args.max_train_images < 1:
+        parser.error("--max-train-images must be positive")
+    if min(args.sample_nfe) < 1 or args.workers < 0 or not 0 <= args.ema_decay < 1:
+        parser.error("--sample-nfe must be positive, --workers >= 0, --ema-decay in [0, 1)")
+    if os.path.isfile(args.out):
+        parser.error(f"--out {args.out} is an existing file, not a folder")
 
 
 if __name__ == "__main__":
