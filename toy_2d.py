@@ -35,7 +35,7 @@ import time
 import numpy as np
 import scipy.optimize
 import torch
-import torch.nn as nn
+from torch import nn
 from tqdm import tqdm
 
 import flow
@@ -89,7 +89,8 @@ def _spirals(y, rng):
 def _rings(y, rng):
     angle = 2 * np.pi * rng.random(len(y))
     radius = 0.7 * (y + 1)
-    return radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1) + 0.06 * rng.standard_normal((len(y), 2))
+    circle = np.stack([np.cos(angle), np.sin(angle)], 1)
+    return radius[:, None] * circle + 0.06 * rng.standard_normal((len(y), 2))
 
 
 GENERATORS = {"blobs": _blobs, "moons": _moons, "spirals": _spirals, "rings": _rings}
@@ -173,7 +174,7 @@ def class_conditional_w2(generated, reference, labels):
 
 
 def generate(model, prior, labels, nfe, solver, noise, trajectory=False):
-    velocity = lambda x, t: model(x, t, labels)  # noqa: E731 -- the class is fixed along the path
+    velocity = lambda x, t: model(x, t, labels)  # the class is fixed along the path
     return flow.solve(velocity, prior.sample(labels, noise), nfe, solver, trajectory)
 
 
@@ -207,10 +208,13 @@ def plot_trajectories(models, x_test, y_test, args, path):
     import matplotlib.pyplot as plt
 
     count = min(300, len(y_test))
-    labels, noise = y_test[:count].to(args.device), torch.randn(count, 2, generator=torch.Generator().manual_seed(args.seed))
-    figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False, sharex=True, sharey=True)
+    labels = y_test[:count].to(args.device)
+    noise = torch.randn(count, 2, generator=torch.Generator().manual_seed(args.seed))
+    figure, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False, sharex=True,
+                                sharey=True)
     for ax, (method, (model, prior)) in zip(axes[0], models.items()):
-        paths = generate(model, prior, labels, 32, "euler", noise.to(args.device), trajectory=True).trajectory.cpu()
+        solution = generate(model, prior, labels, 32, "euler", noise.to(args.device), trajectory=True)
+        paths = solution.trajectory.cpu()
         ax.scatter(*x_test.T, s=1, c="lightgray")
         for c in range(int(y_test.max()) + 1):
             chosen = (labels.cpu() == c).nonzero().flatten()
@@ -228,7 +232,8 @@ def plot_trajectories(models, x_test, y_test, args, path):
 def plot_samples(samples, y_test, methods, path, nfes=(1, 2, 8)):
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(methods), len(nfes), figsize=(3 * len(nfes), 3 * len(methods)), squeeze=False)
+    figure, axes = plt.subplots(len(methods), len(nfes), figsize=(3 * len(nfes), 3 * len(methods)),
+                                squeeze=False)
     colours = [f"C{int(c)}" for c in y_test]
     for row, method in zip(axes, methods):
         for ax, nfe in zip(row, nfes):
@@ -250,7 +255,8 @@ def plot_w2(results, path):
         for solver, style in (("euler", "-o"), ("midpoint", "--s")):
             curve = result["w2"].get(solver, {})
             if curve:
-                ax.plot([int(n) for n in curve], list(curve.values()), style, color=f"C{i}", label=f"{method} {solver}", ms=3)
+                ax.plot([int(n) for n in curve], list(curve.values()), style, color=f"C{i}",
+                        label=f"{method} {solver}", ms=3)
     ax.set_xscale("log", base=2), ax.set_yscale("log")
     ax.set_xlabel("NFE"), ax.set_ylabel("class-conditional W2 (lower is better)")
     ax.set_title(results["dataset"])
@@ -265,7 +271,8 @@ def plot_sigma_sweep(sweep, path):
 
     figure, ax = plt.subplots(figsize=(5, 4))
     for nfe in sweep["nfe"]:
-        ax.plot(sweep["sigma"], [row[str(nfe)] for row in sweep["w2"]], "-o", label=f"cprior, Euler NFE {nfe}", ms=3)
+        ax.plot(sweep["sigma"], [row[str(nfe)] for row in sweep["w2"]], "-o",
+                label=f"cprior, Euler NFE {nfe}", ms=3)
         ax.axhline(sweep["condot"][str(nfe)], ls=":", color=ax.lines[-1].get_color(), lw=1)
     ax.set_xscale("log"), ax.set_xlabel("prior sigma"), ax.set_ylabel("class-conditional W2")
     ax.set_title(f"{sweep['dataset']}: dotted = condot at the same NFE")
@@ -283,14 +290,17 @@ def compare_methods(args, x_train, y_train, x_test, y_test):
     num_classes = NUM_CLASSES[args.dataset]
     noise = torch.randn(len(x_test), 2, generator=torch.Generator().manual_seed(args.seed + 1))
     # W2 between two independent true samples of the same labels: the best any method can score.
-    fresh = torch.as_tensor(GENERATORS[args.dataset](y_test.numpy(), np.random.default_rng(args.seed + 20_000)), dtype=torch.float32)
-    results = {"dataset": args.dataset, "data_w2_floor": class_conditional_w2(fresh, x_test, y_test), "methods": {}}
+    fresh = GENERATORS[args.dataset](y_test.numpy(), np.random.default_rng(args.seed + 20_000))
+    fresh = torch.as_tensor(fresh, dtype=torch.float32)
+    results = {"dataset": args.dataset, "data_w2_floor": class_conditional_w2(fresh, x_test, y_test),
+               "methods": {}}
     samples = {"data": x_test.numpy(), "data_labels": y_test.numpy()}
     models = {}
     for method in args.methods:
         model, prior, cost, seconds = train(method, x_train, y_train, num_classes, args)
         w2, method_samples, straight = evaluate(model, prior, x_test, y_test, noise, args)
-        results["methods"][method] = {"transport_cost": cost, "straightness": straight, "train_seconds": seconds, "w2": w2}
+        results["methods"][method] = {"transport_cost": cost, "straightness": straight,
+                                      "train_seconds": seconds, "w2": w2}
         for key, x in method_samples.items():
             samples[f"{method}/{key}"] = x
             samples[f"{method}/{key}/labels"] = y_test.numpy()
@@ -303,7 +313,8 @@ def print_table(results, solvers, nfes):
     header = f"{'method':<10} {'cost':>6} {'straight':>8} " + " ".join(f"{s[0]}{n:<5}" for s, n in columns)
     print(f"\nclass-conditional W2 on {results['dataset']} (e = Euler, m = midpoint; columns are NFE)")
     print(header)
-    print(f"{'true data':<10} {'':>6} {'':>8} " + " ".join(f"{results['data_w2_floor']:<6.3f}" for _ in columns))
+    floor = f"{results['data_w2_floor']:<6.3f}"
+    print(f"{'true data':<10} {'':>6} {'':>8} " + " ".join(floor for _ in columns))
     for method, r in results["methods"].items():
         cells = " ".join(f"{r['w2'][s][str(n)]:<6.3f}" for s, n in columns)
         print(f"{method:<10} {r['transport_cost']:>6.3f} {r['straightness']:>8.4f} {cells}")
@@ -312,18 +323,21 @@ def print_table(results, solvers, nfes):
 def sigma_sweep(args, x_train, y_train, x_test, y_test):
     """W2 at low NFE of the class prior against sigma, with CondOT as the reference."""
     num_classes, low_nfe = NUM_CLASSES[args.dataset], [n for n in args.nfe if n <= 4] or [min(args.nfe)]
-    noise = torch.randn(len(x_test), 2, generator=torch.Generator().manual_seed(args.seed + 1)).to(args.device)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    noise = torch.randn(len(x_test), 2, generator=generator).to(args.device)
 
     def low_nfe_w2(model, prior):
         labels = y_test.to(args.device)
-        return {str(n): class_conditional_w2(generate(model, prior, labels, n, "euler", noise).x.cpu(), x_test, y_test) for n in low_nfe}
+        samples = {n: generate(model, prior, labels, n, "euler", noise).x.cpu() for n in low_nfe}
+        return {str(n): class_conditional_w2(x, x_test, y_test) for n, x in samples.items()}
 
     sweep = {"dataset": args.dataset, "nfe": low_nfe, "sigma": args.sigma_sweep, "w2": []}
     sweep["condot"] = low_nfe_w2(*train("condot", x_train, y_train, num_classes, args)[:2])
     for sigma in args.sigma_sweep:
         swept = argparse.Namespace(**{**vars(args), "prior_sigma": sigma})
         sweep["w2"].append(low_nfe_w2(*train("cprior", x_train, y_train, num_classes, swept)[:2]))
-        print(f"sigma {sigma:<6g} W2 at Euler NFE {low_nfe}: " + ", ".join(f"{v:.3f}" for v in sweep["w2"][-1].values()))
+        values = ", ".join(f"{v:.3f}" for v in sweep["w2"][-1].values())
+        print(f"sigma {sigma:<6g} W2 at Euler NFE {low_nfe}: {values}")
     return sweep
 
 
@@ -354,21 +368,29 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default="blobs", choices=DATASETS, help="2D conditional data set")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS), help="methods to train and compare")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="methods to train and compare")
     parser.add_argument("--steps", type=int, default=2000, help="training steps per method")
     parser.add_argument("--batch-size", type=int, default=256, help="training batch size")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay to 0)")
-    parser.add_argument("--prior-sigma", type=float, default=0.5, help="std of the class prior N(m(c), sigma^2 I)")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="NFE budgets to evaluate")
-    parser.add_argument("--solvers", nargs="+", default=["euler", "midpoint"], choices=list(flow.SOLVERS), help="ODE solvers to evaluate")
+    parser.add_argument("--prior-sigma", type=float, default=0.5,
+                        help="std of the class prior N(m(c), sigma^2 I)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
+                        help="NFE budgets to evaluate")
+    parser.add_argument("--solvers", nargs="+", default=["euler", "midpoint"], choices=list(flow.SOLVERS),
+                        help="ODE solvers to evaluate")
     parser.add_argument("--train-size", type=int, default=20_000, help="training points")
-    parser.add_argument("--test-size", type=int, default=2_000, help="held-out points (and generated samples) for W2")
-    parser.add_argument("--sigma-sweep", type=float, nargs="+", default=None, help="instead of comparing methods, sweep the class prior's sigma over these values")
+    parser.add_argument("--test-size", type=int, default=2_000,
+                        help="held-out points (and generated samples) for W2")
+    parser.add_argument("--sigma-sweep", type=float, nargs="+", default=None,
+                        help="instead of comparing methods, sweep the class prior's sigma over these values")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and noise")
     parser.add_argument("--out", default="runs/toy_2d", help="output folder")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "train_size", "test_size"):
