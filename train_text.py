@@ -1,79 +1,67 @@
-"""Text-to-image flow matching with a text-conditional prior (the paper's MS-COCO experiment).
+"""Text-conditional flow matching with the text prior, in one file: the MS-COCO experiment.
 
-Two stages, in one run:
-  1. the mapper P: a small MLP from the pooled text embedding tau(y) to latent space, trained by
-     mean squared error onto the paired image latents, so that P(tau(y)) estimates the conditional
-     mean E[x1 | y] (skipped with --prior gaussian, or given by --mapper-from);
-  2. the flow: a DiT-style velocity network v(x_t, t, y) with cross-attention to the text token
-     states, trained by flow matching from the prior
-        --prior gaussian   x0 ~ N(0, I)                      (CondOT in the paper)
-        --prior text       x0 | y ~ N(P(tau(y)), sigma^2 I)  (ours; sigma = --prior-sigma)
-     with --coupling independent (pairs as drawn) or ot (minibatch optimal transport, see
-     `draw_prior`: every prior sample keeps its caption's centre, only the noise is re-paired).
+Two stages (Issachar et al., TMLR 2025; t = 0 is the prior sample x0, t = 1 the data x1):
+  1. the mapper P, an MLP from the pooled text embedding tau(y) to latent space, regressed onto the
+     paired image latents, so that P(tau(y)) estimates the conditional mean E[x1 | y];
+  2. the flow v_theta(x_t, t, y), train_class.py's DiT plus cross-attention to the caption's token
+     states, trained from N(0, I) (CondOT) or from the text prior x0 | y ~ N(P(tau(y)), sigma^2 I),
+     paired with the data as drawn or by minibatch optimal transport of the prior noise.
+--data shapes (the default) generates 32x32 shapes captioned like "a small red circle on the left",
+holds 24 of the 144 captions out of training and trains on pixels with a built-in word encoder,
+offline, on a CPU in minutes (benchmarks/train_text_eval.py reads the samples back). --data coco
+encodes MS-COCO images once with an autoencoder and the captions once with CLIP, and trains on the
+cached latents (Dao et al., "Flow Matching in Latent Space").
 
-Data:
-  --data shapes (default, offline): a generated set of 32x32 coloured shapes with compositional
-      captions such as "a small red circle on the left"; a fixed set of caption combinations is
-      held out of training. Pixels are the latents (--vae none) and the text encoder is a built-in
-      word-level encoder. `check_caption` reads a generated image and says whether it matches.
-  --data coco: MS-COCO captions (COCO_ROOT/annotations/captions_{split}.json and COCO_ROOT/{split}/),
-      centre-cropped and resized (--image-size 64 or 256), encoded once with the SD VAE and cached;
-      captions encoded once with CLIP (openai/clip-vit-base-patch32) and cached: the pooled
-      embedding feeds the mapper and adaLN, the token states feed cross-attention.
+Run (single process, CPU or one GPU; with no arguments: the built-in shapes, text prior):
+    python train_text.py
+    python train_text.py --prior gaussian --coupling ot --out runs/text-batchot
+One node, 8 GPUs (DATA_DIR holds annotations/captions_train2017.json, train2017/ and val2017/):
+    torchrun --standalone --nproc_per_node=8 train_text.py --data coco --data-root DATA_DIR --vae sd-ema \\
+        --latent-cache runs/coco-latents --image-size 256 --model B --patch-size 2 --prior-sigma 0.7 \\
+        --mapper-noise-dim 32 --global-batch 256 --lr 1e-4 --warmup-steps 5000 --ema-decay 0.9999 \\
+        --steps 400000 --sample-every 10000 --ckpt-every 10000 --out runs/coco-text
+Two nodes (run on each node with its rank):
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
+        train_text.py ...same options...
+Resume an interrupted run from the latest checkpoint in --out: the same command plus --resume.
 
-Run:
-    python train_text.py                                   # built-in shapes, both stages, CPU minutes
-    python train_text.py --prior gaussian --out runs/text_gaussian
-    torchrun --standalone --nproc_per_node=8 train_text.py --data coco --coco-root /data/coco \\
-        --image-size 256 --model DiT-B --patch-size 2 --global-batch 256 --steps 400000 --lr 1e-4 \\
-        --prior text --prior-sigma 0.7 --mapper-noise-dim 32 --out runs/coco_text
-    # two nodes: torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \\
-    #     --rdzv_endpoint=HOST:29500 train_text.py ...   (same options)
-Resume an interrupted run: the same command plus --resume continues from the latest checkpoint in
---out (exactly: model, EMA, optimiser, mapper, step and every process's random state); --steps and
---mapper-steps may grow, the options that define the run may not.
-
-Outputs in --out: args.json, log.jsonl (one JSON line per log step), checkpoints/step_XXXXXXX.pt
-(the flow; the mapper lives inside "prior"), mapper/step_XXXXXXX.pt (stage 1), mapper_means.png
-(real images next to P's decoded means), samples/step_XXXXXXX.png (grids titled by caption).
-Sample with sample.py, which calls `load_for_sampling` below.
+Outputs in --out: args.json (resolved arguments), log.jsonl (stage, step, loss, lr, images/s,
+transport cost, gradient norm; the mapper's validation losses), mapper/step_XXXXXXX.pt (stage 1),
+checkpoints/step_XXXXXXX.pt (the flow, with the mapper inside its prior), mapper_means.png (real
+images above P's decoded means), samples/step_XXXXXXX_nfe_N.png (EMA samples titled by caption).
+sample.py loads the checkpoints through load_for_sampling() below.
 """
 import argparse
-import contextlib
 import copy
 import json
 import math
 import os
-import re
+import textwrap
 import time
+from contextlib import nullcontext
 
 import numpy as np
-import scipy.ndimage
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
 from tqdm import tqdm
 
 import flow
 
-MODELS = {  # name: (width, depth, heads) of the velocity network; DiT-S / DiT-B as in Peebles & Xie
-    "tiny": (64, 2, 2),
-    "small": (128, 4, 4),
-    "DiT-S": (384, 12, 6),
-    "DiT-B": (768, 12, 12),
-}
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
-# Options that define the model, the method and the data: a checkpoint made with other values cannot
-# be resumed. Everything else (steps, logging, batch cap, workers) may change on resume.
-CONFIG_KEYS = ("data", "coco_split", "image_size", "vae", "text_encoder", "text_length", "prior", "prior_sigma",
-               "coupling", "mapper_lr", "mapper_width", "mapper_noise_dim", "model", "patch_size", "global_batch",
-               "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "cfg_dropout", "time_schedule", "seed")
+# Arguments that define the model, the method and the data: a checkpoint made with other values
+# cannot be resumed. Everything else (steps, logging, batch cap, compile) may change on resume.
+CONFIG_KEYS = ("data", "coco_split", "max_train_images", "image_size", "vae", "text_encoder", "text_length",
+               "model", "patch_size", "prior", "prior_sigma", "coupling", "time_schedule", "cfg_dropout",
+               "cfg_null_prior", "mapper_width", "mapper_noise_dim", "mapper_lr", "global_batch", "lr",
+               "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "precision", "seed")
 
 # ----------------------------------------------------------------------------------------------
-# The built-in captioned shapes. Every caption is "a {size} {colour} {shape} {position}"; some
-# combinations are held out of training, so the generator has to compose attributes it has only
-# seen apart. Geometry is in units of a 32-pixel image and scaled to --image-size.
+# Data: the built-in captioned shapes, "a {size} {colour} {shape} {position}". Some combinations
+# are held out of training, so the generator has to compose attributes it has only seen apart.
+# Geometry is in units of a 32-pixel image, scaled to --image-size.
 
 COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
            "yellow": (1, 1, 0), "magenta": (1, 0, 1), "cyan": (0, 1, 1)}
@@ -89,22 +77,22 @@ def shape_combinations():
 
 def is_held_out(combination):
     """One combination in six (24 of 144) never appears in training; every single attribute does."""
-    s, c, k, p = combination
-    index = (list(SIZES).index(s) + list(COLOURS).index(c) + SHAPES.index(k) + list(POSITIONS).index(p))
-    return index % 6 == 0
+    size, colour, shape, position = combination
+    index = list(SIZES).index(size) + list(COLOURS).index(colour) + SHAPES.index(shape)
+    return (index + list(POSITIONS).index(position)) % 6 == 0
 
 
 def caption_of(combination):
-    size, colour, shape, position = combination
-    return f"a {size} {colour} {shape} {position}"
+    return "a {} {} {} {}".format(*combination)
 
 
 def render_shapes(combination, count, image_size, rng):
-    """`count` images (count, 3, H, W) in [-1, 1]: the shape on black, jittered in centre, size and brightness."""
+    """(count, 3, H, W) in [-1, 1]: the shape on black, jittered in centre, size and brightness."""
     size, colour, shape, position = combination
     scale = image_size / 32
     radius = ((SIZES[size] + rng.uniform(-0.5, 0.5, count)) * scale)[:, None, None]
-    cx, cy = ((16 + np.array(POSITIONS[position]) + rng.uniform(-1.5, 1.5, (count, 2))) * scale).T[:, :, None, None]
+    centres = (16 + np.array(POSITIONS[position]) + rng.uniform(-1.5, 1.5, (count, 2))) * scale
+    cx, cy = centres.T[:, :, None, None]
     y, x = np.mgrid[:image_size, :image_size] + 0.5  # pixel centres
     if shape == "circle":
         mask = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
@@ -120,73 +108,32 @@ def make_shapes(combinations, per_caption, image_size, seed):
     """(images (N, 3, H, W) float32 in [-1, 1], captions list[str], caption index of each image)."""
     rng = np.random.RandomState(seed)
     images = np.concatenate([render_shapes(c, per_caption, image_size, rng) for c in combinations])
-    caption_index = np.repeat(np.arange(len(combinations)), per_caption)
-    return images, [caption_of(c) for c in combinations], caption_index
-
-
-def read_shape(image):
-    """What an image (H, W, 3) uint8 shows, by measurement: (combination, features).
-
-    Foreground = the largest connected blob of pixels whose brightest channel is above mid-grey
-    (generated images may hold stray bright pixels). colour: nearest palette colour
-    of the mean foreground colour; position: the larger offset of the centroid from the centre;
-    size: the longer side of the bounding box; shape: a triangle's mass sits below the centre of
-    its box, and a circle fills pi/4 of its box, a square all of it. features: those
-    measurements (9 numbers), for a Frechet distance.
-    """
-    scale = image.shape[0] / 32
-    pixels = image.astype(np.float64) / 255
-    blobs, count = scipy.ndimage.label(pixels.max(2) > 0.5)
-    if count == 0:
-        return None, np.zeros(9)
-    mask = blobs == 1 + np.argmax(np.bincount(blobs.ravel())[1:])  # the largest blob: stray bright pixels are not the shape
-    ys, xs = np.nonzero(mask)
-    mean_rgb = pixels[mask].mean(0)
-    colour = min(COLOURS, key=lambda c: np.abs(mean_rgb / mean_rgb.max() - COLOURS[c]).sum())
-    dx, dy = (xs.mean() + 0.5) / scale - 16, (ys.mean() + 0.5) / scale - 16
-    position = ("on the left" if dx < 0 else "on the right") if abs(dx) > abs(dy) else ("at the top" if dy < 0 else "at the bottom")
-    width, height = (xs.max() - xs.min() + 1) / scale, (ys.max() - ys.min() + 1) / scale
-    size = "small" if max(width, height) < 11 else "large"
-    fill = mask.sum() / ((width * scale) * (height * scale))
-    drop = (ys.mean() - (ys.min() + ys.max()) / 2) / (height * scale)  # triangle: mass sits 1/6 below the box centre
-    shape = "triangle" if drop > 0.08 else ("circle" if fill < 0.97 else "square")
-    features = np.array([*mean_rgb, dx, dy, width, height, fill, drop])
-    return (size, colour, shape, position), features
-
-
-def check_caption(image, caption):
-    """True when the image (H, W, 3) uint8 shows what its built-in caption says."""
-    combination, _ = read_shape(image)
-    return combination is not None and caption_of(combination) == caption
+    return images, [caption_of(c) for c in combinations], np.repeat(np.arange(len(combinations)), per_caption)
 
 
 # ----------------------------------------------------------------------------------------------
-# MS-COCO captions: the official annotation files and image folders.
+# Data: MS-COCO captions (ROOT/annotations/captions_{split}.json and the image folder ROOT/{split}).
 
 
 def read_coco(root, split):
-    """(image paths, captions, caption -> image index) of COCO_ROOT/annotations/captions_{split}.json.
-
-    Stops with one line if the file is missing, a caption refers to an image that is not listed
-    or not on disk, or a caption is empty.
-    """
+    """(image paths, captions, image index of each caption); one line for a missing file, a caption
+    of an image that is not listed or not on disk, or an empty caption."""
     annotation_file = os.path.join(root, "annotations", f"captions_{split}.json")
     if not os.path.isfile(annotation_file):
         raise SystemExit(f"error: missing annotation file {annotation_file}")
-    with open(annotation_file) as f:
-        annotations = json.load(f)
+    with open(annotation_file) as file:
+        annotations = json.load(file)
     files = {image["id"]: os.path.join(root, split, image["file_name"]) for image in annotations["images"]}
     captions = annotations["annotations"]
     unlisted = [a["image_id"] for a in captions if a["image_id"] not in files]
-    if unlisted:
-        raise SystemExit(f"error: {len(unlisted)} captions in {annotation_file} refer to images it does not list (e.g. id {unlisted[0]})")
     empty = [a.get("id") for a in captions if not a["caption"].strip()]
-    if empty:
-        raise SystemExit(f"error: {len(empty)} empty captions in {annotation_file} (e.g. annotation id {empty[0]})")
-    image_ids = sorted({a["image_id"] for a in captions})
+    image_ids = sorted({a["image_id"] for a in captions} - set(unlisted))
     missing = [files[i] for i in image_ids if not os.path.isfile(files[i])]
-    if missing:
-        raise SystemExit(f"error: {len(missing)} captioned images are missing on disk (e.g. {missing[0]})")
+    for bad, what in ((unlisted, f"captions in {annotation_file} refer to images it does not list (e.g. id"),
+                      (empty, f"empty captions in {annotation_file} (e.g. annotation id"),
+                      (missing, "captioned images are missing on disk (e.g.")):
+        if bad:
+            raise SystemExit(f"error: {len(bad)} {what} {bad[0]})")
     index_of = {image_id: k for k, image_id in enumerate(image_ids)}
     texts = [" ".join(a["caption"].split()) for a in captions]
     return [files[i] for i in image_ids], texts, np.array([index_of[a["image_id"]] for a in captions])
@@ -214,28 +161,16 @@ class ImageFiles(torch.utils.data.Dataset):
             return torch.from_numpy(center_crop(image, self.size)).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def encode_images(paths, args, device):
-    """SD-VAE latents (N, 4, S/8, S/8) float16 of the images, one posterior sample each."""
-    vae = flow.load_vae(args.vae, device)
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, args.image_size), batch_size=64, num_workers=args.workers)
-    latents = [flow.vae_encode(vae, images.to(device)).half().cpu() for images in tqdm(loader, desc="VAE encode")]
-    return torch.cat(latents).numpy()
-
-
 # ----------------------------------------------------------------------------------------------
-# Text encoders: encode(captions) -> pooled (B, D) for the mapper and adaLN, tokens (B, L, D) for
-# cross-attention. Both are frozen. As in Stable Diffusion, cross-attention sees every position,
+# Data: frozen text encoders, encoder(captions) -> (pooled (B, D) for the mapper and adaLN, tokens
+# (B, L, D) for cross-attention). As in Stable Diffusion, cross-attention sees every position,
 # padding included, and the empty caption "" is the null condition of classifier-free guidance.
 
 
 class WordEncoder(nn.Module):
-    """The built-in encoder: a fixed random vector per word of the shapes vocabulary.
-
-    tokens = the word vectors, zero-padded to 8; pooled = their mean (zero for ""). A bag of
-    words is all the shape captions need, and being linear in the words it lets the mapper
-    compose attributes for held-out captions. (A randomly initialised CLIP would be a random
-    nonlinear function of the caption, which says nothing about held-out captions.)
-    """
+    """The built-in encoder: one fixed random vector per word of the shapes vocabulary; tokens = the
+    word vectors, zero-padded to 8, pooled = their mean (zero for ""). Being linear in the words, it
+    lets the mapper compose attributes for held-out captions (a random CLIP would not)."""
 
     length, dim = 8, 64
 
@@ -252,7 +187,8 @@ class WordEncoder(nn.Module):
         for row, caption in enumerate(captions):
             unknown = [w for w in caption.split() if w not in self.index]
             if unknown:
-                raise SystemExit(f"error: the built-in text encoder does not know the word {unknown[0]!r} (caption {caption!r})")
+                raise SystemExit(f"error: the built-in text encoder does not know the word {unknown[0]!r} "
+                                 f"(caption {caption!r})")
             words = caption.split()[: self.length]
             tokens[row, : len(words)] = self.vectors[[self.index[w] for w in words]]
         counts = torch.tensor([max(1, len(c.split()[: self.length])) for c in captions], device=tokens.device)
@@ -271,118 +207,290 @@ class ClipEncoder(nn.Module):
         except (OSError, ValueError) as error:
             raise SystemExit(f"error: cannot load the CLIP text encoder {name!r} ({type(error).__name__}); "
                              "download it once with network access or pass a local folder") from None
-        self.length, self.dim = length, self.model.config.hidden_size
+        self.length = length
 
     @torch.no_grad()
     def forward(self, captions):
-        device = next(self.model.parameters()).device
         ids = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
+                             return_tensors="pt").input_ids.to(self.model.device)
         out = self.model(input_ids=ids)
         return out.pooler_output.float(), out.last_hidden_state.float()
 
 
 def load_text_encoder(args, device):
-    encoder = WordEncoder() if args.text_encoder == "builtin" else ClipEncoder(args.text_encoder, args.text_length)
-    return encoder.to(device)
+    if args.text_encoder == "builtin":
+        return WordEncoder().to(device)
+    return ClipEncoder(args.text_encoder, args.text_length).to(device)
 
 
 def encode_captions(encoder, captions, batch=256, progress=False):
     """pooled (N, D) and tokens (N, L, D) as float16 numpy arrays, once per caption."""
-    pooled, tokens = [], []
-    for start in tqdm(range(0, len(captions), batch), desc="text encode", disable=not progress):
-        p, k = encoder(captions[start: start + batch])
-        pooled.append(p.half().cpu().numpy())
-        tokens.append(k.half().cpu().numpy())
-    return np.concatenate(pooled), np.concatenate(tokens)
+    parts = [encoder(captions[start: start + batch]) for start in
+             tqdm(range(0, len(captions), batch), desc="text encode", disable=not progress)]
+    return tuple(torch.cat(part).half().cpu().numpy() for part in zip(*parts))
 
 
 # ----------------------------------------------------------------------------------------------
-# Data splits. One split = image latents, the caption table (text, pooled, tokens) and the pairs
-# (image index, caption index) that training draws from. Arrays may be memory-mapped caches.
+# Data: splits of (image, caption) pairs in model space (pixels in [-1, 1], or normalised latents).
 
 
 class Split:
-    def __init__(self, latents, captions, pooled, tokens, image_of_caption):
-        self.latents, self.captions, self.pooled, self.tokens = latents, captions, pooled, tokens
-        self.image_of_caption = np.asarray(image_of_caption)  # (num captions,) the image each caption describes
+    """images (N, C, H, W); per distinct caption its text and its pooled (Dp,) and token (L, Dt)
+    embeddings (memory-mapped for COCO); pair k = image image_of_pair[k] with caption caption_of_pair[k]."""
+
+    def __init__(self, images, captions, pooled, tokens, image_of_pair, caption_of_pair):
+        self.images, self.captions, self.pooled, self.tokens = images, captions, pooled, tokens
+        self.image_of_pair, self.caption_of_pair = np.asarray(image_of_pair), np.asarray(caption_of_pair)
 
     def __len__(self):
-        return len(self.image_of_caption)
+        return len(self.image_of_pair)
 
     def batch(self, index, device):
-        """Pairs `index` -> (x1 (B, C, H, W), cond = (pooled (B, Dp), tokens (B, L, Dt)))."""
-        index = np.asarray(index)
-        x1 = torch.from_numpy(np.asarray(self.latents[self.image_of_caption[index]], dtype=np.float32))
-        return x1.to(device), self.condition(index, device)
+        """Pairs `index` -> (x1 (B, C, H, W), y = (pooled (B, Dp), tokens (B, L, Dt)))."""
+        rows = self.caption_of_pair[np.asarray(index)]
+        x1, pooled, tokens = (torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device) for a in (
+            self.images[self.image_of_pair[np.asarray(index)]], self.pooled[rows], self.tokens[rows]))
+        return x1, (pooled, tokens)
 
-    def condition(self, index, device):
-        as_tensor = lambda a: torch.from_numpy(np.asarray(a[index], dtype=np.float32)).to(device)  # noqa: E731
-        return as_tensor(self.pooled), as_tensor(self.tokens)
+    def texts(self, index):
+        return [self.captions[row] for row in self.caption_of_pair[np.asarray(index)]]
 
 
 def shape_splits(args, encoder):
-    """train: 40 images per seen caption; val: 8 fresh images per seen caption; heldout: 8 per held-out caption."""
+    """train: 40 images per seen caption; val: 8 fresh images per seen caption; heldout: 8 per
+    held-out caption; one pair per image."""
     seen = [c for c in shape_combinations() if not is_held_out(c)]
     held = [c for c in shape_combinations() if is_held_out(c)]
     splits = {}
-    for name, combinations, per_caption, seed in (("train", seen, 40, args.seed), ("val", seen, 8, args.seed + 1),
+    for name, combinations, per_caption, seed in (("train", seen, 40, args.seed),
+                                                  ("val", seen, 8, args.seed + 1),
                                                   ("heldout", held, 8, args.seed + 2)):
         images, captions, caption_of_image = make_shapes(combinations, per_caption, args.image_size, seed)
-        pooled, tokens = encode_captions(encoder, captions)
-        # one pair per image: "caption" index k of the split = image k, whose text is captions[caption_of_image[k]]
-        splits[name] = Split(images, [captions[i] for i in caption_of_image], pooled[caption_of_image],
-                             tokens[caption_of_image], np.arange(len(images)))
+        if name == "train":
+            images, caption_of_image = (a[:args.max_train_images] for a in (images, caption_of_image))
+        splits[name] = Split(images, captions, *encode_captions(encoder, captions), np.arange(len(images)),
+                             caption_of_image)
     return splits
 
 
-def coco_split(args, split, encoder, device, rank):
-    """Read one COCO split, building the latent and text caches once (rank 0; the others wait)."""
-    paths, captions, image_of_caption = read_coco(args.coco_root, split)
-    vae_tag = re.sub(r"[^A-Za-z0-9]+", "-", args.vae)
-    text_tag = re.sub(r"[^A-Za-z0-9]+", "-", args.text_encoder)
-    cache = os.path.join(args.cache_dir or os.path.join(args.coco_root, "cache"), split)
-    latents_file = os.path.join(cache, f"latents_{args.image_size}px_{vae_tag}.npy")
-    unique = sorted(set(captions))
-    text_files = [os.path.join(cache, f"text_{text_tag}_L{args.text_length}_{part}.npy") for part in ("pooled", "tokens")]
-    if rank == 0:
+def coco_split(args, split, encoder, rank, world_size, device, normalisation=None):
+    """(Split of normalised latents, normalisation) of one COCO split, from its cache in
+    --latent-cache/{split}, built first if it is not complete: each rank encodes a contiguous share
+    of the images, rank 0 every distinct caption.
+
+    The raw latents of an autoencoder are far from unit variance per channel, which would make
+    N(0, I) and sigma mean different things in every channel. So x = (z - mean_c) / std_c, with the
+    per-channel statistics of the training cache (normalisation=None: this split's own), kept with
+    the cache and in every checkpoint; decoding undoes it (make_decoder)."""
+    paths, captions, image_of_pair = read_coco(args.data_root, split)
+    if split == args.coco_split and args.max_train_images:
+        keep = image_of_pair < args.max_train_images
+        paths, captions, image_of_pair = paths[:args.max_train_images], np.array(captions)[keep], \
+            image_of_pair[keep]
+    distinct = sorted(set(captions))
+    cache = os.path.join(args.latent_cache or os.path.join(args.out, "latents"), split)
+    info_path = os.path.join(cache, "info.json")
+    wanted = {"data_root": os.path.abspath(args.data_root), "images": len(paths), "captions": len(distinct),
+              "image_size": args.image_size, "vae": args.vae, "text_encoder": args.text_encoder,
+              "text_length": args.text_length}
+    latent_files = [os.path.join(cache, f"latents_rank{r}.npy") for r in range(world_size)]
+    if not os.path.isfile(info_path):
         os.makedirs(cache, exist_ok=True)
-        if not os.path.isfile(latents_file):
-            save_npy_atomic(latents_file, encode_images(paths, args, device))
-        if not all(os.path.isfile(f) for f in text_files):
-            pooled, tokens = encode_captions(encoder, unique, progress=True)
-            save_npy_atomic(text_files[0], pooled)
-            save_npy_atomic(text_files[1], tokens)
-    if dist.is_initialized():
-        dist.barrier()
-    latents = np.load(latents_file, mmap_mode="r")
-    pooled, tokens = (np.load(f, mmap_mode="r") for f in text_files)
-    if len(latents) != len(paths) or len(pooled) != len(unique):
-        raise SystemExit(f"error: the cache in {cache} does not match the annotations; delete it to rebuild")
-    row = {c: k for k, c in enumerate(unique)}
-    caption_rows = np.array([row[c] for c in captions])
-    # pairs index the annotation list; pooled/tokens are looked up through caption_rows lazily
-    return Split(latents, captions, IndexedArray(pooled, caption_rows), IndexedArray(tokens, caption_rows), image_of_caption)
+        share = [paths[i] for i in np.array_split(np.arange(len(paths)), world_size)[rank]]
+        if share:  # a rank may get no share (more processes than images)
+            autoencoder = flow.load_autoencoder(args.vae, device)
+            torch.manual_seed(args.seed + rank)  # an SD VAE latent is a posterior sample: reproducible
+            loader = torch.utils.data.DataLoader(ImageFiles(share, args.image_size), batch_size=64,
+                                                 num_workers=args.workers)
+            latents = [autoencoder.encode(images.to(device)).half().cpu()
+                       for images in tqdm(loader, desc="encode", disable=rank != 0 or args.quiet)]
+            np.save(latent_files[rank], torch.cat(latents).numpy())
+        if rank == 0:
+            pooled, tokens = encode_captions(encoder, distinct, progress=not args.quiet)
+            np.save(os.path.join(cache, "pooled.npy"), pooled)
+            np.save(os.path.join(cache, "tokens.npy"), tokens)
+        barrier()
+        if rank == 0:
+            raw = np.concatenate([np.load(path) for path in latent_files if os.path.isfile(path)])
+            raw = torch.from_numpy(raw).double().transpose(0, 1).flatten(1)  # (C, N * H * W)
+            save_json(dict(wanted, world_size=world_size, latent_mean=raw.mean(1).tolist(),
+                           latent_std=raw.std(1).tolist()), info_path)  # written last: marks a complete cache
+        barrier()
+    with open(info_path) as file:
+        info = json.load(file)
+    if any(info.get(key) != value for key, value in wanted.items()):
+        made = {key: info.get(key) for key in wanted}
+        raise SystemExit(f"error: latent cache {cache} was made from {made}, not {wanted}: "
+                         "pass another --latent-cache")
+    normalisation = normalisation or {key: info[key] for key in ("latent_mean", "latent_std")}
+    mean, std = (np.array(normalisation[key], np.float32).reshape(-1, 1, 1)
+                 for key in ("latent_mean", "latent_std"))
+    latent_files = [os.path.join(cache, f"latents_rank{r}.npy") for r in range(info["world_size"])]
+    images = (np.concatenate([np.load(path) for path in latent_files if os.path.isfile(path)]) - mean) / std
+    pooled, tokens = (np.load(os.path.join(cache, f"{name}.npy"), mmap_mode="r")
+                      for name in ("pooled", "tokens"))
+    row = {caption: k for k, caption in enumerate(distinct)}
+    return Split(images, distinct, pooled, tokens, image_of_pair, [row[c] for c in captions]), normalisation
 
 
-class IndexedArray:
-    """array[rows[index]]: the per-annotation view of a per-unique-caption cache, without copying it."""
+def load_data(args, encoder, rank, world_size, device):
+    """({split name: Split}, normalisation): the latent statistics, empty for the shapes' pixels."""
+    if args.data == "shapes":
+        return shape_splits(args, encoder), {}
+    train, normalisation = coco_split(args, args.coco_split, encoder, rank, world_size, device)
+    val, _ = coco_split(args, args.coco_val_split, encoder, rank, world_size, device, normalisation)
+    return {"train": train, "val": val}, normalisation
 
-    def __init__(self, array, rows):
-        self.array, self.rows = array, rows
 
-    def __getitem__(self, index):
-        return self.array[self.rows[index]]
+class BatchOrder:
+    """Which data indices form global batch `step`: one random permutation per epoch (seeded by
+    the seed and the epoch, the same on every rank), read in order. A function of the step alone,
+    so a resumed run reads exactly the batches the uninterrupted run would have read, and the same
+    for any number of processes; each rank then takes its contiguous slice (DistributedSampler-like)."""
 
+    def __init__(self, size, global_batch, seed):
+        self.size, self.global_batch, self.seed = size, global_batch, seed
+        self.cached_epoch, self.cached_permutation = None, None
 
-def save_npy_atomic(path, array):
-    with open(f"{path}.tmp", "wb") as f:
-        np.save(f, array)
-    os.replace(f"{path}.tmp", path)
+    def permutation(self, epoch):
+        if epoch != self.cached_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.cached_epoch, self.cached_permutation = epoch, torch.randperm(self.size, generator=generator)
+        return self.cached_permutation
+
+    def indices(self, step, rank, world_size):
+        per_rank = self.global_batch // world_size
+        start = step * self.global_batch + rank * per_rank
+        positions = torch.arange(start, start + per_rank)
+        return torch.stack([self.permutation(int(p) // self.size)[int(p) % self.size] for p in positions])
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1: the mapper P and the text prior x0 | y ~ N(P(tau(y), z), sigma^2 I).
+# Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output, with
+# cross-attention to the caption's token states in every block (as PixArt-alpha).
+
+MODELS = {  # name: width, depth, heads (with --patch-size 2: DiT-S/2, B/2, L/2)
+    "tiny": {"width": 64, "depth": 2, "heads": 2},  # the tests
+    "small": {"width": 128, "depth": 4, "heads": 4},  # built-in 32x32 shapes on a CPU
+    "S": {"width": 384, "depth": 12, "heads": 6},
+    "B": {"width": 768, "depth": 12, "heads": 12},
+    "L": {"width": 1024, "depth": 24, "heads": 16},
+}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def time_embedding(t, dim, max_period=10_000):
+    """Sinusoidal features of t in [0, 1], scaled by 1000 so the frequencies match DiT's steps."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000 * t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention and MLP, each modulated and gated by the conditioning (adaLN-zero), with
+    cross-attention to the text between them."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm_cross = nn.LayerNorm(width, eps=1e-6)
+        self.cross_q, self.cross_kv = nn.Linear(width, width), nn.Linear(width, 2 * width)
+        self.cross_proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def attention(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+    def cross_attention(self, x, text):
+        q = rearrange(self.cross_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.cross_kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        return self.cross_proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+    def forward(self, x, c, text):  # x (B, N, D), c (B, D), text (B, L, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross_attention(self.norm_cross(x), text)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """v_theta(x_t, t, y): x_t (B, C, H, W), t (B,) in [0, 1], y = (pooled (B, Dp), tokens (B, L, Dt));
+    the empty caption's embeddings are the null condition of classifier-free guidance."""
+
+    def __init__(self, latent_shape, pooled_dim, token_dim, width, depth, heads, patch):
+        super().__init__()
+        channels, height, width_pixels = latent_shape
+        if height % patch or width_pixels % patch:
+            raise SystemExit(f"error: latents of size {height}x{width_pixels} cannot be cut into "
+                             f"{patch}x{patch} patches")
+        self.patch, self.grid = patch, (height // patch, width_pixels // patch)
+        self.embed_patches = nn.Linear(patch * patch * channels, width)
+        self.position = nn.Parameter(0.02 * torch.randn(1, self.grid[0] * self.grid[1], width))
+        self.embed_time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.embed_pooled = nn.Sequential(nn.Linear(pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.embed_tokens = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
+        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, patch * patch * channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in [*self.embed_time, *self.embed_pooled]:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-zero: every block's gates and cross-attention output, and the output layer, start at
+        # zero, so the network starts as the identity on the residual stream and predicts v = 0.
+        for block in self.blocks:
+            for layer in (block.adaLN_modulation[-1], block.cross_proj):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        for layer in (self.adaLN_out[-1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        h, w = self.grid
+        tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch, q=self.patch)
+        tokens = self.embed_patches(tokens) + self.position  # (B, N, D)
+        c = self.embed_time(time_embedding(t, 256)) + self.embed_pooled(y[0])  # (B, D)
+        text = self.embed_tokens(y[1])  # (B, L, D)
+        for block in self.blocks:
+            tokens = block(tokens, c, text)
+        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
+        tokens = self.out(modulate(self.norm_out(tokens), shift, scale))
+        return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)
+
+
+def build_model(args, config):
+    return DiT(tuple(config["latent_shape"]), config["pooled_dim"], config["token_dim"],
+               patch=args.patch_size, **MODELS[args.model])
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior: N(0, I), or the text prior x0 | y ~ N(P(tau(y), z), sigma^2 I) with its mapper P.
+
+
+def build_prior(args, config):
+    if args.prior == "gaussian":
+        return flow.GaussianPrior(config["latent_shape"])
+    mapper = Mapper(config["pooled_dim"], config["latent_shape"], args.mapper_width, args.mapper_noise_dim)
+    return TextPrior(mapper, args.prior_sigma)
 
 
 class Mapper(nn.Module):
@@ -391,8 +499,8 @@ class Mapper(nn.Module):
     def __init__(self, text_dim, latent_shape, width=512, noise_dim=0):
         super().__init__()
         self.latent_shape, self.noise_dim = tuple(latent_shape), noise_dim
-        self.net = nn.Sequential(nn.Linear(text_dim + noise_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, int(np.prod(latent_shape))))
+        self.net = nn.Sequential(nn.Linear(text_dim + noise_dim, width), nn.SiLU(), nn.Linear(width, width),
+                                 nn.SiLU(), nn.Linear(width, int(np.prod(latent_shape))))
 
     def forward(self, pooled, z=None):
         if self.noise_dim:
@@ -401,32 +509,29 @@ class Mapper(nn.Module):
 
 
 class TextPrior(nn.Module):
-    """x0 = P(tau(y), z) + sigma * noise, noise ~ N(0, I) of latent shape.
-
-    The mapper's z (as the authors' code: --mapper-noise-dim 32) is read off the same noise by a
-    fixed orthonormal projection, so z ~ N(0, I) and one noise tensor per image still fixes the
-    sample (sample.py draws one per image).
-    """
+    """x0 = P(tau(y), z) + sigma * noise, noise ~ N(0, I) of latent shape. The mapper's z (the
+    authors' code: --mapper-noise-dim 32) is read off the same noise by a fixed orthonormal
+    projection, so z ~ N(0, I) and one noise tensor per image still fixes the sample."""
 
     def __init__(self, mapper, sigma):
         super().__init__()
         self.mapper = mapper
         self.register_buffer("sigma", torch.tensor(float(sigma)))
-        dim = int(np.prod(mapper.latent_shape))
-        projection = torch.linalg.qr(torch.randn(dim, max(mapper.noise_dim, 1), generator=torch.Generator().manual_seed(0)))[0]
+        dim, generator = int(np.prod(mapper.latent_shape)), torch.Generator().manual_seed(0)
+        projection = torch.linalg.qr(torch.randn(dim, max(mapper.noise_dim, 1), generator=generator))[0]
         self.register_buffer("z_projection", projection[:, : mapper.noise_dim].contiguous())
 
-    def centre(self, cond, noise):
+    def centre(self, y, noise):
         """P(tau(y), z): the point the prior of caption y is centred on."""
-        return self.mapper(cond[0], noise.flatten(1) @ self.z_projection)
+        return self.mapper(y[0], noise.flatten(1) @ self.z_projection)
 
-    def sample(self, cond, noise):
-        return self.centre(cond, noise) + self.sigma * noise
+    def sample(self, y, noise):
+        return self.centre(y, noise) + self.sigma * noise
 
 
-def mapper_loss(mapper, x1, cond, z):
-    """|| P(tau(y), z) - x1 ||^2: minimised by the conditional mean E[x1 | y] (z is ignored at the optimum)."""
-    return (mapper(cond[0], z).float() - x1).pow(2).mean()
+def mapper_loss(mapper, x1, y, z):
+    """|| P(tau(y), z) - x1 ||^2: minimised by the conditional mean E[x1 | y] (z is ignored there)."""
+    return (mapper(y[0], z).float() - x1).pow(2).mean()
 
 
 @torch.no_grad()
@@ -434,176 +539,221 @@ def mapper_validation_loss(mapper, split, device, batch=512):
     """Mean squared error of P on a whole split (z from a fixed generator: no global RNG is used)."""
     total, generator = 0.0, torch.Generator().manual_seed(0)
     for start in range(0, len(split), batch):
-        x1, cond = split.batch(np.arange(start, min(start + batch, len(split))), device)
+        x1, y = split.batch(np.arange(start, min(start + batch, len(split))), device)
         z = torch.randn(len(x1), mapper.noise_dim, generator=generator).to(device)
-        total += mapper_loss(mapper, x1, cond, z).item() * len(x1)
+        total += mapper_loss(mapper, x1, y, z).item() * len(x1)
     return total / len(split)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2: the velocity network. DiT blocks (adaLN-zero on time + pooled text) with a
-# cross-attention layer to the caption's token states between self-attention and the MLP
-# (as PixArt-alpha), zero-initialised so that every block starts as the identity.
-
-
-def timestep_embedding(t, dim=256):
-    """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as DiT's integer timesteps)."""
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = 1000 * t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], 1)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class Attention(nn.Module):
-    def __init__(self, width, heads, context_width=None):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(context_width or width, 2 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x, context):  # x (B, N, D), context (B, M, D) -> (B, N, D)
-        split = lambda a: a.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731 (B, heads, N, D/heads)
-        k, v = self.kv(context).chunk(2, -1)
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(k), split(v))
-        return self.out(out.transpose(1, 2).flatten(2))
-
-
-class Block(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.cross = Attention(width, heads)
-        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def forward(self, h, c, text):  # h (B, N, D) image tokens, c (B, D) time + pooled text, text (B, L, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, -1)
-        x = modulate(self.norm1(h), shift1, scale1)
-        h = h + gate1 * self.attn(x, x)
-        h = h + self.cross(self.norm2(h), text)
-        return h + gate2 * self.mlp(modulate(self.norm3(h), shift2, scale2))
-
-
-class TextDiT(nn.Module):
-    """v_theta(x_t, t, y): latents (B, C, H, W), t (B,), cond = (pooled (B, Dp), tokens (B, L, Dt))."""
-
-    def __init__(self, latent_shape, pooled_dim, token_dim, width, depth, heads, patch):
-        super().__init__()
-        channels, height, width_px = latent_shape
-        if height % patch or width_px % patch:
-            raise SystemExit(f"error: latent size {height}x{width_px} is not divisible by --patch-size {patch}")
-        self.latent_shape, self.patch = tuple(latent_shape), patch
-        self.patchify = nn.Conv2d(channels, width, patch, patch)
-        self.position = nn.Parameter(torch.randn(1, (height // patch) * (width_px // patch), width) * 0.02)
-        self.time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        self.pooled = nn.Sequential(nn.Linear(pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
-        self.text = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.final = nn.Linear(width, patch * patch * channels)
-        for layer in [b.modulation[-1] for b in self.blocks] + [b.cross.out for b in self.blocks] + [self.final_modulation[-1], self.final]:
-            nn.init.zeros_(layer.weight)  # adaLN-zero: every block, and the output, start at zero
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x, t, cond):
-        pooled, tokens = cond
-        h = self.patchify(x).flatten(2).transpose(1, 2) + self.position  # (B, N, D)
-        c = self.time(timestep_embedding(t)) + self.pooled(pooled)  # (B, D)
-        text = self.text(tokens)  # (B, L, D)
-        for block in self.blocks:
-            h = block(h, c, text)
-        shift, scale = self.final_modulation(c)[:, None].chunk(2, -1)
-        h = self.final(modulate(self.final_norm(h), shift, scale))  # (B, N, p*p*C)
-        channels, height, width = self.latent_shape
-        p = self.patch
-        h = h.reshape(len(x), height // p, width // p, p, p, channels)
-        return torch.einsum("bhwpqc->bchpwq", h).reshape(len(x), channels, height, width)
-
-
-def build_model(args, latent_shape, pooled_dim, token_dim):
-    width, depth, heads = MODELS[args.model]
-    return TextDiT(latent_shape, pooled_dim, token_dim, width, depth, heads, args.patch_size)
-
-
-def build_prior(args, latent_shape, pooled_dim):
-    if args.prior == "gaussian":
-        return flow.GaussianPrior(latent_shape)
-    mapper = Mapper(pooled_dim, latent_shape, args.mapper_width, args.mapper_noise_dim)
-    return TextPrior(mapper, args.prior_sigma)
-
-
-@torch.no_grad()
-def draw_prior(prior, cond, x1, coupling):
-    """x0 for the data x1, paired by `coupling`.
-
-    x0 = centre(y) + sigma * noise, centre = 0 for the Gaussian prior and P(tau(y), z) for the
-    text prior. With "ot" the noise parts are re-paired by exact minibatch OT against the
-    residuals x1 - centre(y), and every x0 keeps its own caption's centre: the prior of each
-    caption stays centred where it belongs. (Captions almost never repeat within a batch, so OT
-    among identical captions only, as for class labels, would do nothing.) For the Gaussian prior
-    this is plain BatchOT.
-    """
-    noise = torch.randn_like(x1)
-    x0 = prior.sample(cond, noise)
-    if coupling == "independent":
-        return x0
-    centre = prior.centre(cond, noise) if isinstance(prior, TextPrior) else torch.zeros_like(x1)
-    return centre + flow.couple(x0 - centre, x1 - centre, coupling)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training utilities.
-
-
-def batch_sizes(args, world):
-    """(micro-batch per process, accumulation steps) for --global-batch over `world` processes."""
-    if args.global_batch % world:
-        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world} processes")
-    per_process = args.global_batch // world
-    micro = min(per_process, args.max_batch_per_gpu)
-    if per_process % micro:
-        raise SystemExit(f"error: {per_process} samples per process cannot be split into micro-batches of {micro}")
-    return micro, per_process // micro
 
 
 def mapper_state(checkpoint, path):
     """The mapper weights inside a stage-1 or a text-prior flow checkpoint."""
-    if "mapper" in checkpoint:
-        return checkpoint["mapper"]
-    state = {k[len("mapper."):]: v for k, v in checkpoint.get("prior", {}).items() if k.startswith("mapper.")}
+    state = checkpoint.get("mapper") or {k[len("mapper."):]: v for k, v in checkpoint.get("prior", {}).items()
+                                         if k.startswith("mapper.")}
     if not state:
         raise SystemExit(f"error: the checkpoint {path} has no mapper (trained with --prior gaussian?)")
     return state
 
 
-def load_mapper_weights(mapper, state, path):
-    try:
-        mapper.load_state_dict(state)
-    except RuntimeError:
-        raise SystemExit(f"error: the mapper in {path} does not fit this run (another text encoder, latent shape, "
-                         "--mapper-width or --mapper-noise-dim?)") from None
+# ----------------------------------------------------------------------------------------------
+# Training.
 
 
-def restore_rng_state(states, rank):
-    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
-        raise SystemExit(f"error: the checkpoint was written by {len(states)} processes; resume with as many")
-    flow.set_rng_state(states[rank])
-
-
-def mean_over_processes(values):
-    tensor = torch.tensor(values, dtype=torch.float64)
+def barrier():
     if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor.tolist()
+        dist.barrier()
+
+
+def save_json(obj, path):
+    with open(f"{path}.tmp", "w") as file:
+        json.dump(obj, file, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def ema_decay(step, args):
+    """--ema-decay, warmed up as (1 + step) / (10 + step): without it the EMA of a short run is
+    mostly the zero-initialised network (0.995^500 = 8% of it after 500 steps)."""
+    return min(args.ema_decay, (1 + step) / (10 + step))
+
+
+def expand(null, batch):
+    """The null condition (pooled (1, Dp), tokens (1, L, Dt)) for a batch."""
+    return null[0].expand(batch, -1), null[1].expand(batch, -1, -1)
+
+
+@torch.no_grad()
+def sample_pairs(prior, x1, y, null, train, args):
+    """Prior samples x0 paired with the data x1, and the condition the network sees.
+
+    x0 = centre + sigma * noise, centre = 0 for the Gaussian prior and P(tau(y), z) for the text
+    prior. With --coupling ot the noise parts are re-paired by exact minibatch OT against the
+    residuals x1 - centre, and every x0 keeps its own caption's centre: re-pairing across captions
+    would turn the conditional prior back into a mixture, and OT among identical captions only (as
+    train_class.py does within a class) would do nothing, since captions almost never repeat within
+    a batch. For the Gaussian prior this is plain BatchOT.
+
+    Classifier-free guidance: each caption is dropped to "" with probability --cfg-dropout. The
+    dropped sample's x0 comes from the prior of a random training caption (--cfg-null-prior
+    mixture: the marginal prior, so v_null is the unconditional flow) or from its own caption's (own).
+    """
+    noise = torch.randn_like(x1)
+    dropped = torch.rand(len(x1), device=x1.device) < args.cfg_dropout
+    prior_y = y
+    if args.prior == "text" and args.cfg_null_prior == "mixture" and dropped.any():
+        others = train.caption_of_pair[torch.randint(len(train), (int(dropped.sum()),)).numpy()]
+        prior_y = (y[0].clone(), y[1])
+        prior_y[0][dropped] = torch.from_numpy(np.asarray(train.pooled[others], np.float32)).to(x1.device)
+    centre = prior.centre(prior_y, noise) if args.prior == "text" else torch.zeros_like(x1)
+    x0 = centre + flow.couple(prior.sample(prior_y, noise) - centre, x1 - centre, args.coupling)
+    null_pooled, null_tokens = expand(null, len(x1))
+    return x0, (torch.where(dropped[:, None], null_pooled, y[0]),
+                torch.where(dropped[:, None, None], null_tokens, y[1]))
+
+
+def autocast(args, device):
+    """bf16 autocast on CUDA with --precision bf16; CPUs run float32."""
+    if device.type == "cuda" and args.precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(stage, step, model, forward, optimizer, prior, train, null, order, args, rank, world_size,
+               device):
+    """One optimizer step of `stage` (the mapper, or the flow) on global batch `step`, accumulated
+    over micro-batches of at most --max-batch-per-gpu; returns (loss, transport cost, gradient norm)
+    of this rank."""
+    index = order.indices(step, rank, world_size)
+    micro_batches = index.split(args.max_batch_per_gpu)
+    total_loss = total_cost = 0.0
+    for i, micro in enumerate(micro_batches):
+        x1, y = train.batch(micro, device)
+        if stage == "flow":
+            x0, y = sample_pairs(prior, x1, y, null, train, args)  # OT within each micro-batch
+        # DDP all-reduces gradients only on the last micro-batch.
+        sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
+        with sync:
+            with autocast(args, device):
+                if stage == "mapper":  # || P(tau(y), z) - x1 ||^2
+                    z = torch.randn(len(x1), args.mapper_noise_dim, device=device)
+                    loss = mapper_loss(forward, x1, y, z)
+                else:  # E_t || v_theta(x_t, t, y) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
+                    loss = flow.flow_matching_loss(forward, x0, x1, y, args.time_schedule)
+            (loss * len(micro) / len(index)).backward()  # the mean over this rank's whole batch
+        total_loss += loss.item() * len(micro) / len(index)
+        total_cost += flow.transport_cost(x0, x1) * len(micro) / len(index) if stage == "flow" else 0.0
+    lr = args.mapper_lr if stage == "mapper" else args.lr
+    for group in optimizer.param_groups:
+        group["lr"] = flow.warmup_lr(lr, step, args.warmup_steps)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # clip BEFORE the step
+    if not (math.isfinite(total_loss) and torch.isfinite(grad_norm)):
+        raise SystemExit(f"error: non-finite {stage} loss {total_loss} or gradient norm at step {step + 1}; "
+                         f"nothing saved for this step, the last checkpoint in {args.out} is intact")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, total_cost, grad_norm.item()
+
+
+def write_log(record, args, rank, progress=None):
+    if rank == 0:
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+        with open(os.path.join(args.out, "log.jsonl"), "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(args, config, step, rank, folder="checkpoints", **parts):
+    """checkpoints/: the flow (model, ema, opt, prior); mapper/: stage 1 (mapper, opt)."""
+    rng = flow.gather_rng_states()
+    if rank == 0:
+        checkpoint = {"kind": "text" if folder == "checkpoints" else "text-mapper", "args": vars(args),
+                      "config": config, "step": step, "rng": rng,
+                      **{name: part.state_dict() for name, part in parts.items()}}
+        flow.save_atomic(checkpoint, os.path.join(args.out, folder, f"step_{step:07d}.pt"))
+
+
+def resume(args, config, prior, mapper_optimizer, model, ema, optimizer, rank, world_size):
+    """Load the latest flow checkpoint in --out, else the latest mapper checkpoint; return (mapper
+    step, flow step), (0, 0) if there is none."""
+    flow_file = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
+    latest = flow_file or flow.latest_checkpoint(os.path.join(args.out, "mapper"))
+    if latest is None:
+        return 0, 0
+    checkpoint = flow.load_checkpoint(latest)
+    saved = checkpoint.get("args", {})
+    for key in CONFIG_KEYS:
+        if saved.get(key) != getattr(args, key):
+            raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} "
+                             f"{saved.get(key)!r}, not {getattr(args, key)!r}: use another --out or the same "
+                             "options")
+    if checkpoint.get("config") != config:
+        raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): "
+                         "use another --out")
+    if flow_file:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["opt"])
+        prior.load_state_dict(checkpoint["prior"])
+        steps = args.mapper_steps, checkpoint["step"]
+    else:
+        prior.mapper.load_state_dict(checkpoint["mapper"])
+        mapper_optimizer.load_state_dict(checkpoint["opt"])
+        steps = checkpoint["step"], 0
+    if len(checkpoint["rng"]) == world_size:
+        flow.set_rng_state(checkpoint["rng"][rank])
+    elif rank == 0:
+        print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: "
+              "same data order, new noise")
+    return steps
+
+
+def load_mapper(prior, path, config):
+    """--mapper-from: the trained mapper of another run on the same data."""
+    checkpoint = flow.load_checkpoint(path)
+    state = mapper_state(checkpoint, path)
+    if checkpoint.get("config") != config:
+        raise SystemExit(f"error: the mapper in {path} was trained on other data "
+                         f"({checkpoint.get('config')})")
+    try:
+        prior.mapper.load_state_dict(state)
+    except RuntimeError:
+        raise SystemExit(f"error: the mapper in {path} does not fit this run (another --mapper-width or "
+                         "--mapper-noise-dim?)") from None
+
+
+def train_mapper(args, config, prior, optimizer, train, order, first_step, rank, world_size, device):
+    """Stage 1: P by regression onto the paired latents, from `first_step` to --mapper-steps."""
+    forward = nn.parallel.DistributedDataParallel(prior.mapper) if world_size > 1 else prior.mapper
+    sums, start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+    progress = tqdm(range(first_step, args.mapper_steps), initial=first_step, total=args.mapper_steps,
+                    desc="mapper", disable=rank != 0 or args.quiet)
+    for step in progress:
+        loss, _, grad_norm = train_step("mapper", step, prior.mapper, forward, optimizer, prior, train, None,
+                                        order, args, rank, world_size, device)
+        sums += torch.tensor([loss, 1.0], dtype=torch.float64)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.mapper_steps:
+            if world_size > 1:
+                dist.all_reduce(sums)
+            elapsed, (loss_sum, count) = time.perf_counter() - start, sums.tolist()
+            record = {"stage": "mapper", "step": done, "loss": loss_sum / count,
+                      "lr": flow.warmup_lr(args.mapper_lr, step, args.warmup_steps),
+                      "images_per_s": args.global_batch * count / world_size / elapsed,
+                      "grad_norm": grad_norm}
+            write_log(record, args, rank, progress)
+            sums, start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+        if done % args.ckpt_every == 0 or done == args.mapper_steps:
+            save_checkpoint(args, config, done, rank, "mapper", mapper=prior.mapper, opt=optimizer)
+
+
+def grid_batch(splits, device):
+    """(x1, y, captions) of the sample grids: 8 seen (validation) and 8 held-out captions for the
+    shapes, 16 validation pairs for COCO."""
+    names = [name for name in ("val", "heldout") if name in splits]
+    parts = []
+    for name in names:
+        index = np.linspace(0, len(splits[name]) - 1, 16 // len(names)).astype(int)
+        parts.append((*splits[name].batch(index, device), splits[name].texts(index)))
+    x1, y, captions = zip(*parts)
+    return torch.cat(x1), tuple(map(torch.cat, zip(*y))), [c for texts in captions for c in texts]
 
 
 def save_image_grid(images, titles, path, columns=8):
@@ -620,374 +770,286 @@ def save_image_grid(images, titles, path, columns=8):
         ax.axis("off")
     for ax, image, title in zip(axes.flat, pixels, titles):
         ax.imshow(image, interpolation="nearest")
-        ax.set_title("\n".join(_wrap(title, 24)), fontsize=5)
+        ax.set_title("\n".join(textwrap.wrap(title, 24)), fontsize=5)
     fig.tight_layout()
     fig.savefig(f"{path}.tmp.png", dpi=150)
     plt.close(fig)
     os.replace(f"{path}.tmp.png", path)
 
 
-def _wrap(text, width):
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line]
-
-
-def make_decoder(vae_name, device):
-    """latents -> images in [-1, 1]: identity for pixels, the SD VAE decoder otherwise."""
-    if vae_name == "none":
-        return lambda latents: latents.clamp(-1, 1)
-    vae = flow.load_vae(vae_name, device)
-    return lambda latents: flow.vae_decode(vae, latents)
-
-
-def grid_pairs(splits):
-    """(split, pair index) of the sample grids: 8 seen (val) and 8 held-out captions for shapes, else 16 val pairs."""
-    if "heldout" not in splits:
-        return [(splits["val"], i) for i in range(min(16, len(splits["val"])))]
-    return [(split, i) for split in (splits["val"], splits["heldout"]) for i in range(0, len(split), len(split) // 8)[:8]]
-
-
-def grid_batch(pairs, device):
-    """Real latents, conditions and captions of a list of (split, pair index)."""
-    batches = [split.batch([index], device) for split, index in pairs]
-    x1 = torch.cat([x for x, _ in batches])
-    cond = tuple(torch.cat(parts) for parts in zip(*[c for _, c in batches]))
-    return x1, cond, [split.captions[index] for split, index in pairs]
+@torch.no_grad()
+def report_mapper(mapper, splits, grid, decode, args, device):
+    """P's validation losses into log.jsonl, and mapper_means.png: rows of 8 real images, each with
+    P's decoded means for the same captions right below it."""
+    losses = {f"val_loss_{name}": mapper_validation_loss(mapper, split, device)
+              for name, split in splits.items() if name != "train"}
+    write_log({"stage": "mapper", "step": args.mapper_steps, **losses}, args, rank=0)
+    print("mapper " + ", ".join(f"{name} {value:.4f}" for name, value in losses.items()))
+    x1, y, captions = grid
+    means = mapper(y[0], torch.zeros(len(x1), mapper.noise_dim, device=device))
+    images, titles = [], []
+    for k in range(0, len(x1), 8):
+        images += [decode(x1[k: k + 8]), decode(means[k: k + 8])]
+        titles += [f"real: {c}" for c in captions[k: k + 8]] + [f"P mean: {c}" for c in captions[k: k + 8]]
+    save_image_grid(torch.cat(images), titles, os.path.join(args.out, "mapper_means.png"))
 
 
 @torch.no_grad()
-def generate(model, prior, cond, null_cond, seeds, latent_shape, nfe, cfg_scale=1.0, solver="euler"):
-    """One sample per seed (EDM style: the noise of image i depends only on seeds[i])."""
-    device = cond[0].device
-    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-    x0 = prior.sample(cond, noise)
-    velocity = flow.guided_velocity(model, cond, null_cond, cfg_scale)
-    return flow.solve(velocity, x0, nfe, solver).x
+def save_sample_grids(args, step, ema, prior, grid, null, decode):
+    """EMA samples of the grid captions at every --sample-nfe, each titled by its caption."""
+    x1, y, captions = grid
+    generator = torch.Generator().manual_seed(args.seed)  # a fixed generator: grids compare across steps
+    x0 = prior.sample(y, torch.randn(x1.shape, generator=generator).to(x1.device))
+    velocity = flow.guided_velocity(ema, y, expand(null, len(x1)), args.sample_cfg)
+    for nfe in args.sample_nfe:
+        images = decode(flow.solve(velocity, x0, nfe, "euler").x)
+        save_image_grid(images, captions, os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png"))
 
 
-# ----------------------------------------------------------------------------------------------
-# The training loop, shared by both stages: accumulation, clipping, logging, checkpoints.
+def make_decoder(vae, config, device):
+    """Model-space latents -> images in [-1, 1]: undo the latent normalisation, then decode with the
+    autoencoder, loaded on first use."""
+    autoencoder = None
 
+    def decode(latents):
+        nonlocal autoencoder
+        if vae == "none":
+            return latents.float().clamp(-1, 1)
+        autoencoder = autoencoder or flow.load_autoencoder(vae, device)
+        mean, std = (torch.tensor(config[key], device=latents.device).reshape(-1, 1, 1)
+                     for key in ("latent_mean", "latent_std"))
+        return autoencoder.decode(latents.float() * std + mean)
 
-class Trainer:
-    def __init__(self, args, rank, world, device, out):
-        self.args, self.rank, self.world, self.device, self.out = args, rank, world, device, out
-        self.micro, self.accumulation = batch_sizes(args, world)
-        use_bf16 = device.type == "cuda" and args.precision == "bf16"
-        self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    def log(self, record):
-        if self.rank == 0:
-            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run(self, stage, module, optimizer, lr, start, steps, split, loss_of_batch, after_step, save):
-        """Optimise `module` (DDP-wrapped when distributed) from step `start` to `steps`.
-
-        loss_of_batch(x1, cond) -> (loss, {name: value}); after_step(step) updates
-        the EMA; save(step) writes a checkpoint. The learning rate warms up linearly over
-        --warmup-steps. Gradients are clipped before the optimiser step (the authors' code
-        clipped after it, which has no effect).
-        """
-        args, parameters = self.args, [p for p in module.parameters() if p.requires_grad]
-        sums, count, clock = {}, 0, time.time()
-        bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=self.rank != 0 or args.quiet)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = flow.warmup_lr(lr, step, args.warmup_steps)
-            optimizer.zero_grad(set_to_none=True)
-            for micro in range(self.accumulation):
-                x1, cond = split.batch(np.random.randint(len(split), size=self.micro), self.device)
-                sync = micro == self.accumulation - 1 or not isinstance(module, nn.parallel.DistributedDataParallel)
-                with (contextlib.nullcontext() if sync else module.no_sync()), self.autocast():
-                    loss, extras = loss_of_batch(x1, cond)
-                    (loss / self.accumulation).backward()
-                for name, value in {"loss": loss.item(), **extras}.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                count += 1
-            grad_norm = nn.utils.clip_grad_norm_(parameters, args.grad_clip).item()
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-                raise SystemExit(f"error: non-finite {stage} loss or gradient at step {step + 1}; "
-                                 f"the last checkpoint in {args.out} is intact")
-            optimizer.step()
-            after_step(step + 1)
-            done = step + 1
-            if done % args.log_every == 0 or done == steps:
-                names = sorted(sums)
-                means = mean_over_processes([sums[n] / count for n in names])
-                images_per_s = count * self.micro * self.world / (time.time() - clock)
-                record = {"stage": stage, "step": done, **dict(zip(names, means)), "grad_norm": grad_norm,
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_per_s}
-                self.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                sums, count, clock = {}, 0, time.time()
-            if done % args.ckpt_every == 0 or done == steps:
-                save(done)
-
-
-def check_resumable(args, path):
-    """Stop before any work if the checkpoint to resume was made with other model-defining options."""
-    saved = flow.load_checkpoint(path)["args"]
-    for key in CONFIG_KEYS:
-        if saved.get(key) != getattr(args, key):
-            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
-                             f"not {getattr(args, key)!r}: use another --out or the same options")
-
-
-def resume(args, flow_file, mapper_file, prior, mapper_optimizer, model, ema, optimizer, rank):
-    """Load the latest flow checkpoint, else the latest mapper checkpoint; return (mapper step, flow step).
-
-    Log lines written after that checkpoint are dropped: the resumed run writes them again.
-    """
-    if not (flow_file or mapper_file):
-        return 0, 0
-    path = flow_file or mapper_file
-    checkpoint = flow.load_checkpoint(path)
-    restore_rng_state(checkpoint["rng"], rank)
-    step = checkpoint["step"]
-    if flow_file:
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["opt"])
-        prior.load_state_dict(checkpoint["prior"])
-        keep, steps = lambda r: r["stage"] == "mapper" or r["step"] <= step, (args.mapper_steps, step)  # noqa: E731
-    else:
-        load_mapper_weights(prior.mapper, checkpoint["mapper"], path)
-        mapper_optimizer.load_state_dict(checkpoint["opt"])
-        keep, steps = lambda r: r["stage"] == "mapper" and "loss" in r and r["step"] <= step, (step, 0)  # noqa: E731
-    if rank == 0:
-        flow.trim_log(os.path.join(args.out, "log.jsonl"), keep)
-        print(f"resumed from {path}")
-    return steps
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading for sample.py (INTERFACE.md).
-
-
-def load_for_sampling(path, device, use_ema=True):
-    """A checkpoint file (or a run folder: its latest checkpoint) -> what sample.py needs (INTERFACE.md)."""
-    import types
-
-    path = flow.resolve_checkpoint(path)  # a run folder: its latest checkpoint
-    checkpoint = flow.load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "text":
-        raise SystemExit(f"error: {path} is not a train_text.py checkpoint (kind {checkpoint.get('kind')!r})")
-    args = argparse.Namespace(**checkpoint["args"])
-    if args.prior == "text":
-        mapper_state(checkpoint, path)  # stops with one line if the mapper is missing
-    device = torch.device(device)
-    encoder = load_text_encoder(args, device)
-    null_pooled, null_tokens = encoder([""])
-    latent_shape = tuple(checkpoint["latent_shape"])
-    model = build_model(args, latent_shape, null_pooled.shape[1], null_tokens.shape[2])
-    model.load_state_dict(checkpoint["ema" if use_ema else "model"])
-    prior = build_prior(args, latent_shape, null_pooled.shape[1])
-    prior.load_state_dict(checkpoint["prior"])
-    return types.SimpleNamespace(
-        model=model.to(device).eval().requires_grad_(False), prior=prior.to(device).eval(), latent_shape=latent_shape,
-        make_condition=lambda captions: encoder(list(captions)),
-        null_condition=lambda batch: (null_pooled.expand(batch, -1), null_tokens.expand(batch, -1, -1)),
-        decode=make_decoder(args.vae, device), num_classes=None, args=checkpoint["args"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Main.
-
-
-def resolve_defaults(args):
-    """Fill the options whose default depends on --data (written resolved into args.json)."""
-    shapes = args.data == "shapes"
-    if args.data == "coco" and not args.coco_root:
-        raise SystemExit("error: --data coco needs --coco-root (the folder holding annotations/ and the image folders)")
-    args.image_size = args.image_size or (32 if shapes else 64)
-    args.vae = args.vae or ("none" if shapes else "sd-ema")
-    args.text_encoder = args.text_encoder or ("builtin" if shapes else CLIP_DEFAULT)
-    args.patch_size = args.patch_size or (8 if shapes else 2)
-    if args.mapper_from and args.prior != "text":
-        raise SystemExit("error: --mapper-from needs --prior text (the Gaussian prior has no mapper)")
-    if shapes and (args.vae != "none" or args.text_encoder != "builtin"):
-        raise SystemExit("error: --data shapes uses pixels and the built-in text encoder (--vae none --text-encoder builtin)")
-    return args
+    return decode
 
 
 def main(args):
-    args = resolve_defaults(args)
-    rank, world, device = flow.setup_distributed()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
-    trainer = Trainer(args, rank, world, device, args.out)  # checks the batch sizes before any work
-    out = args.out
-    flow_file, mapper_file = flow.latest_checkpoint(os.path.join(out, "checkpoints")), flow.latest_checkpoint(os.path.join(out, "mapper"))
-    flow.refuse_overwrite(out, [flow_file, mapper_file], args.resume)
-    if flow_file or mapper_file:
-        check_resumable(args, flow_file or mapper_file)
-    if rank == 0:
-        for folder in ("checkpoints", "mapper", "samples"):
-            os.makedirs(os.path.join(out, folder), exist_ok=True)
-        with open(os.path.join(out, "args.json.tmp"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        os.replace(os.path.join(out, "args.json.tmp"), os.path.join(out, "args.json"))
+    rank, world_size, device = flow.setup_distributed()
+    if args.global_batch % world_size:
+        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world_size} "
+                         "processes")
+    checkpoints = [flow.latest_checkpoint(os.path.join(args.out, name)) for name in ("checkpoints", "mapper")]
+    flow.refuse_overwrite(args.out, checkpoints, args.resume)
+    if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Data and text embeddings (cached once).
     encoder = load_text_encoder(args, device)
-    null_pooled, null_tokens = encoder([""])
-    if args.data == "shapes":
-        splits = shape_splits(args, encoder)
-    else:
-        splits = {"train": coco_split(args, args.coco_split, encoder, device, rank),
-                  "val": coco_split(args, args.coco_val_split, encoder, device, rank)}
+    splits, normalisation = load_data(args, encoder, rank, world_size, device)
+    null = encoder([""])  # the empty caption: the null condition of classifier-free guidance
     del encoder
     train = splits["train"]
-    latent_shape = tuple(train.latents.shape[1:])
-    pooled_dim, token_dim = null_pooled.shape[1], null_tokens.shape[2]
+    config = {"latent_shape": list(train.images.shape[1:]), "pooled_dim": null[0].shape[1],
+              "token_dim": null[1].shape[2], **normalisation}
 
-    # Models: the same initial weights on every process; then a different random stream per rank.
-    torch.manual_seed(args.seed)
-    prior = build_prior(args, latent_shape, pooled_dim).to(device)
-    model = build_model(args, latent_shape, pooled_dim, token_dim).to(device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    prior = build_prior(args, config).to(device)
+    model = build_model(args, config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    mapper_optimizer = torch.optim.AdamW(prior.parameters(), lr=args.mapper_lr, weight_decay=args.weight_decay) if args.prior == "text" else None
-    torch.manual_seed(args.seed * 1000 + rank)
-    np.random.seed((args.seed * 1000 + rank) % 2**32)
-    wrap = lambda m: nn.parallel.DistributedDataParallel(m) if world > 1 else m  # noqa: E731
+    mapper_optimizer = None
+    if args.prior == "text":
+        mapper_optimizer = torch.optim.AdamW(prior.parameters(), lr=args.mapper_lr,
+                                             weight_decay=args.weight_decay)
+    torch.manual_seed(args.seed + rank)  # noise (prior samples, t, caption dropout) differs by rank
+    mapper_step, step = 0, 0
+    if args.resume:
+        mapper_step, step = resume(args, config, prior, mapper_optimizer, model, ema, optimizer, rank,
+                                   world_size)
+    order = BatchOrder(len(train), args.global_batch, args.seed)
+    decode = make_decoder(args.vae, config, device)
+    grid = grid_batch(splits, device)
     if rank == 0:
-        print(f"{len(train)} training pairs, latents {latent_shape}, model {args.model}: "
+        for folder in ("checkpoints", "mapper", "samples"):
+            os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+        save_json(vars(args), os.path.join(args.out, "args.json"))
+        # Resumed: drop the lines written after the checkpoint; a fresh run starts a new log.
+        flow.trim_log(os.path.join(args.out, "log.jsonl"),
+                      lambda r: r["stage"] == "mapper" or r["step"] <= step if step
+                      else "loss" in r and r["stage"] == "mapper" and r["step"] <= mapper_step)
+        print(f"{len(train)} training pairs of shape {config['latent_shape']}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{trainer.micro} x {trainer.accumulation} x {world} = {args.global_batch} per step")
+              f"{world_size} process(es) on {device}")
+    if args.mapper_from and (mapper_step, step) == (0, 0):
+        load_mapper(prior, args.mapper_from, config)
+        mapper_step = args.mapper_steps
 
-    # Resume (the latest flow checkpoint, else the latest mapper checkpoint) or reuse a mapper.
-    mapper_start, flow_start = resume(args, flow_file, mapper_file, prior, mapper_optimizer, model, ema, optimizer, rank)
-    if args.mapper_from and args.prior == "text" and not (flow_file or mapper_file):
-        load_mapper_weights(prior.mapper, mapper_state(flow.load_checkpoint(args.mapper_from), args.mapper_from), args.mapper_from)
-        mapper_start = args.mapper_steps
-
-    # Stage 1: the mapper, by regression onto the paired latents.
-    if args.prior == "text" and mapper_start < args.mapper_steps:
-        mapper = wrap(prior.mapper)
-
-        def save_mapper(step):
-            states = flow.gather_rng_states()
-            if rank == 0:
-                flow.save_atomic({"kind": "text-mapper", "args": vars(args), "mapper": prior.mapper.state_dict(),
-                                  "opt": mapper_optimizer.state_dict(), "step": step, "rng": states},
-                                 os.path.join(out, "mapper", f"step_{step:07d}.pt"))
-
-        def loss_of_batch(x1, cond):
-            z = torch.randn(len(x1), args.mapper_noise_dim, device=device)
-            return mapper_loss(mapper, x1, cond, z), {}
-
-        trainer.run("mapper", mapper, mapper_optimizer, args.mapper_lr, mapper_start, args.mapper_steps, train,
-                    loss_of_batch, lambda step: None, save_mapper)
-    decode = make_decoder(args.vae, device) if rank == 0 else None
-    if args.prior == "text" and rank == 0 and (mapper_start < args.mapper_steps or not flow_file):
-        report_mapper(prior.mapper, splits, decode, args, device, trainer)
-
-    # Stage 2: the flow.
-    ddp_model = wrap(model)
+    if args.prior == "text" and mapper_step < args.mapper_steps:
+        train_mapper(args, config, prior, mapper_optimizer, train, order, mapper_step, rank, world_size,
+                     device)
+    if args.prior == "text" and rank == 0 and (mapper_step < args.mapper_steps or step == 0):
+        report_mapper(prior.mapper, splits, grid, decode, args, device)
     prior.requires_grad_(False).eval()
-    null_pooled, null_tokens = null_pooled.to(device), null_tokens.to(device)
-    _, grid_cond, captions = grid_batch(grid_pairs(splits), device)
-    grid_null = (null_pooled.expand(len(captions), -1), null_tokens.expand(len(captions), -1, -1))
-
-    def flow_loss(x1, cond):
-        x0 = draw_prior(prior, cond, x1, args.coupling)
-        # Caption dropout for classifier-free guidance: the sample keeps its caption's prior (as at
-        # sampling time, where both branches start from it) but the network sees the empty caption.
-        drop = torch.rand(len(x1), device=device) < args.cfg_dropout
-        cond = (torch.where(drop[:, None], null_pooled, cond[0]), torch.where(drop[:, None, None], null_tokens, cond[1]))
-        loss = flow.flow_matching_loss(ddp_model, x0, x1, cond, args.time_schedule)
-        return loss, {"transport_cost": flow.transport_cost(x0, x1)}
-
-    def save_flow(step):
-        states = flow.gather_rng_states()
-        if rank == 0:
-            flow.save_atomic({"kind": "text", "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
-                              "opt": optimizer.state_dict(), "prior": prior.state_dict(), "step": step, "rng": states,
-                              "latent_shape": latent_shape}, os.path.join(out, "checkpoints", f"step_{step:07d}.pt"))
-            if step % args.sample_every == 0 or step == args.steps:
-                latents = generate(ema, prior, grid_cond, grid_null, range(len(captions)), latent_shape, args.sample_nfe, args.sample_cfg)
-                save_image_grid(decode(latents), captions, os.path.join(out, "samples", f"step_{step:07d}.png"))
-
-    trainer.run("flow", ddp_model, optimizer, args.lr, flow_start, args.steps, train, flow_loss,
-                lambda step: flow.update_ema(ema, model, args.ema_decay), save_flow)
-    if rank == 0:
-        print(f"done: {out}")
+    null = tuple(part.to(device) for part in null)
+    forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    forward = torch.compile(forward) if args.compile else forward
+    sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
+    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="flow",
+                    disable=rank != 0 or args.quiet)
+    for step in progress:
+        loss, cost, grad_norm = train_step("flow", step, model, forward, optimizer, prior, train, null, order,
+                                           args, rank, world_size, device)
+        flow.update_ema(ema, model, ema_decay(step, args))
+        sums += torch.tensor([loss, cost, 1.0], dtype=torch.float64)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            if world_size > 1:
+                dist.all_reduce(sums)
+            elapsed, (loss_sum, cost_sum, count) = time.perf_counter() - start, sums.tolist()
+            record = {"stage": "flow", "step": done, "loss": loss_sum / count,
+                      "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
+                      "images_per_s": args.global_batch * count / world_size / elapsed,
+                      "transport_cost": cost_sum / count, "grad_norm": grad_norm}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            write_log(record, args, rank, progress)
+            sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
+        # The checkpoint first: a failing sample grid must not lose the training since the last one.
+        if done % args.ckpt_every == 0 or done == args.steps:
+            save_checkpoint(args, config, done, rank, model=model, ema=ema, opt=optimizer, prior=prior)
+        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
+            save_sample_grids(args, done, ema.eval(), prior, grid, null, decode)
+    barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-@torch.no_grad()
-def report_mapper(mapper, splits, decode, args, device, trainer):
-    """Validation loss of P (per split) into log.jsonl, and real images next to P's decoded means."""
-    losses = {f"val_loss_{name}": mapper_validation_loss(mapper, split, device) for name, split in splits.items() if name != "train"}
-    trainer.log({"stage": "mapper", "step": args.mapper_steps, **losses})
-    print("mapper " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-    x1, cond, captions = grid_batch(grid_pairs(splits), device)
-    means = mapper(cond[0], torch.zeros(len(x1), mapper.noise_dim, device=device))
-    # rows of 8: real images, then P's means for the same captions right below them
-    images, titles = [], []
-    for start in range(0, len(x1), 8):
-        images += [decode(x1[start: start + 8]), decode(means[start: start + 8])]
-        titles += [f"real: {c}" for c in captions[start: start + 8]] + [f"P mean: {c}" for c in captions[start: start + 8]]
-    save_image_grid(torch.cat(images), titles, os.path.join(args.out, "mapper_means.png"))
+# ----------------------------------------------------------------------------------------------
+# Loading for sampling (sample.py).
+
+
+def load_for_sampling(path, device, use_ema=True, vae=None):
+    """A checkpoint file (or a run folder: its latest checkpoint) -> the flow.Sampler sample.py
+    uses. `vae` overrides the autoencoder recorded in the checkpoint (a folder that moved)."""
+    path = flow.resolve_checkpoint(path)
+    checkpoint = flow.load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "text":
+        raise SystemExit(f"error: {path} is not a train_text.py checkpoint (kind {checkpoint.get('kind')!r})")
+    args, config = argparse.Namespace(**checkpoint["args"]), checkpoint["config"]
+    if args.prior == "text":
+        mapper_state(checkpoint, path)  # stops with one line if the mapper is missing
+    device = torch.device(device)
+    model = build_model(args, config)
+    model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+    prior = build_prior(args, config)
+    prior.load_state_dict(checkpoint["prior"])
+    encoder = load_text_encoder(args, device)
+    null = encoder([""])
+    return flow.Sampler(
+        kind="text", model=model.to(device).eval().requires_grad_(False), prior=prior.to(device).eval(),
+        latent_shape=tuple(config["latent_shape"]), make_condition=lambda captions: encoder(list(captions)),
+        null_condition=lambda batch: expand(null, batch), options=checkpoint["args"],
+        decode=make_decoder(vae or args.vae, config, device), trained_with_dropout=args.cfg_dropout > 0)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data and text
-    parser.add_argument("--data", default="shapes", choices=["shapes", "coco"], help="built-in captioned shapes, or MS-COCO captions")
-    parser.add_argument("--coco-root", default=None, help="COCO folder with annotations/captions_{split}.json and {split}/ images")
-    parser.add_argument("--coco-split", default="train2017", help="COCO training split (train2014 or train2017)")
-    parser.add_argument("--coco-val-split", default="val2017", help="COCO validation split (val2014 or val2017)")
-    parser.add_argument("--cache-dir", default=None, help="where COCO latents and text embeddings are cached (default COCO_ROOT/cache)")
-    parser.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 32 for shapes, 64 for coco; 256 as in the paper)")
-    parser.add_argument("--vae", default=None, help="'none' (pixels), 'sd-ema', 'sd-mse' or a local diffusers AutoencoderKL folder (default none for shapes, sd-ema for coco)")
-    parser.add_argument("--text-encoder", default=None, help=f"'builtin' or a CLIP name / local folder (default builtin for shapes, {CLIP_DEFAULT} for coco)")
-    parser.add_argument("--text-length", type=int, default=32, help="CLIP tokens per caption (padded / truncated); 32 keeps the COCO token cache small")
-    parser.add_argument("--workers", type=int, default=4, help="image-reading workers while building the COCO latent cache")
-    # prior and mapper (stage 1)
-    parser.add_argument("--prior", default="text", choices=["gaussian", "text"], help="x0 ~ N(0, I), or x0 | y ~ N(P(tau(y)), sigma^2 I)")
-    parser.add_argument("--prior-sigma", type=float, default=0.5, help="sigma of the text prior (the paper: 0.7 on COCO latents)")
-    parser.add_argument("--coupling", default="independent", choices=["independent", "ot"], help="pairs as drawn, or minibatch OT of the prior noise (see draw_prior)")
-    parser.add_argument("--mapper-steps", type=int, default=1000, help="stage-1 steps of the mapper (text prior)")
-    parser.add_argument("--mapper-lr", type=float, default=1e-3, help="AdamW learning rate of the mapper")
-    parser.add_argument("--mapper-width", type=int, default=512, help="hidden width of the mapper MLP")
-    parser.add_argument("--mapper-noise-dim", type=int, default=0, help="size of the noise z fed to the mapper (the authors' code: 32)")
-    parser.add_argument("--mapper-from", default=None, help="take the mapper from this checkpoint (stage 1 or text-prior flow) instead of training one")
-    # flow (stage 2)
-    parser.add_argument("--model", default="small", choices=list(MODELS), help="velocity network size")
-    parser.add_argument("--patch-size", type=int, default=None, help="patch side in latent pixels (default 8 for shapes: 16 tokens, cheap on CPU; 2 for coco)")
-    parser.add_argument("--steps", type=int, default=1000, help="stage-2 optimiser steps")
-    parser.add_argument("--global-batch", type=int, default=64, help="samples per optimiser step, over all processes")
-    parser.add_argument("--max-batch-per-gpu", type=int, default=64, help="largest micro-batch per process; more is reached by gradient accumulation")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the velocity network")
-    parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (both stages)")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this before every step")
-    parser.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay per step (DiT: 0.9999 for long runs)")
-    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty caption (for classifier-free guidance)")
-    parser.add_argument("--time-schedule", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast precision on CUDA (CPU runs fp32)")
-    # outputs
-    parser.add_argument("--out", default="runs/text", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (stage 1 or 2)")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
-    parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (and the last step)")
-    parser.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (checkpoint steps only, and the last step)")
-    parser.add_argument("--sample-nfe", type=int, default=16, help="Euler NFE of the sample grids")
-    parser.add_argument("--sample-cfg", type=float, default=1.0, help="classifier-free guidance scale of the sample grids")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and noise")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    # Data.
+    add("--data", default="shapes", choices=["shapes", "coco"],
+        help="built-in captioned shapes (offline), or MS-COCO captions")
+    add("--data-root", default=None,
+        help="folder of the data set: COCO's annotations/ and image folders (not for shapes)")
+    add("--coco-split", default="train2017", help="COCO training split (train2014 or train2017)")
+    add("--coco-val-split", default="val2017", help="COCO validation split (val2014 or val2017)")
+    add("--max-train-images", type=int, default=None,
+        help="use only the first N training images (quick runs)")
+    add("--image-size", type=int, default=None,
+        help="image side in pixels (default: 32 for shapes, 64 for coco)")
+    add("--vae", default="none", help="'none' (train on pixels), 'sd-ema', 'sd-mse', a local diffusers "
+                                      "AutoencoderKL folder, or a folder with taef2_encoder.pth and "
+                                      "taef2_decoder.pth")
+    add("--latent-cache", default=None, help="folder for the encoded latents and text embeddings "
+                                             "(default OUT/latents); share it between runs")
+    add("--workers", type=int, default=4, help="image-reading workers while building a COCO latent cache")
+    add("--text-encoder", default=None, help="'builtin' or a CLIP name or local folder (default: builtin "
+                                             f"for shapes, {CLIP_DEFAULT} for coco)")
+    add("--text-length", type=int, default=32,
+        help="CLIP tokens per caption (padded or truncated; 32 keeps the COCO token cache small)")
+    # Model and method.
+    add("--model", default="small", choices=list(MODELS), help="DiT size preset")
+    add("--patch-size", type=int, default=None,
+        help="DiT patch side in latent pixels (default: 8 for shapes, 2 for coco)")
+    add("--prior", default="text", choices=["gaussian", "text"],
+        help="N(0, I) (CondOT) or N(P(tau(y)), sigma^2 I)")
+    add("--prior-sigma", type=float, default=0.5,
+        help="sigma of the text prior (the paper: 0.7 on COCO latents)")
+    add("--coupling", default="independent", choices=["independent", "ot"],
+        help="pairs as drawn, or minibatch OT of the prior noise (see sample_pairs)")
+    add("--time-schedule", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
+    add("--cfg-dropout", type=float, default=0.1,
+        help="probability of dropping a caption to the empty caption (CFG training)")
+    add("--cfg-null-prior", default="mixture", choices=["mixture", "own"], help="text prior: dropped-caption "
+        "samples start from a random training caption's prior (the mixture) or their own")
+    add("--mapper-steps", type=int, default=1000, help="stage-1 optimizer steps of the mapper (text prior)")
+    add("--mapper-lr", type=float, default=1e-3, help="AdamW learning rate of the mapper after warmup")
+    add("--mapper-width", type=int, default=512, help="hidden width of the mapper MLP")
+    add("--mapper-noise-dim", type=int, default=0,
+        help="size of the noise z fed to the mapper (the authors' code: 32)")
+    add("--mapper-from", default=None,
+        help="take the mapper from this checkpoint (stage 1 or text-prior flow) instead of training one")
+    # Optimisation.
+    add("--steps", type=int, default=1000, help="stage-2 (flow) optimizer steps; 0 trains only the mapper")
+    add("--global-batch", type=int, default=64, help="images per optimizer step, over all processes")
+    add("--max-batch-per-gpu", type=int, default=512,
+        help="micro-batch cap per process; larger batches accumulate gradients")
+    add("--lr", type=float, default=3e-4, help="AdamW learning rate after warmup")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (both stages)")
+    add("--warmup-steps", type=int, default=100, help="linear learning-rate warmup (both stages)")
+    add("--grad-clip", type=float, default=1.0, help="gradient norm clip (both stages)")
+    add("--ema-decay", type=float, default=0.995, help="EMA decay per step (after a warmup, see ema_decay)")
+    add("--precision", default="bf16", choices=["bf16", "fp32"],
+        help="autocast precision on CUDA (CPU runs fp32)")
+    add("--compile", action="store_true", help="torch.compile the network")
+    add("--seed", type=int, default=0,
+        help="seed for the shapes, weights, data order and noise (offset by rank)")
+    # Logging, samples, checkpoints.
+    add("--log-every", type=int, default=50, help="steps between log.jsonl lines")
+    add("--sample-every", type=int, default=500, help="steps between EMA sample grids")
+    add("--sample-nfe", type=int, nargs="+", default=[1, 4, 16], help="NFEs (Euler) of the sample grids")
+    add("--sample-cfg", type=float, default=1.0, help="guidance scale of the sample grids")
+    add("--ckpt-every", type=int, default=500, help="steps between checkpoints (both stages)")
+    add("--out", default="runs/train_text", help="output folder")
+    add("--resume", action="store_true", help="continue from the latest checkpoint in --out (stage 1 or 2)")
+    add("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Every option checked before any data is read; fills in the data set's defaults."""
+    shapes = args.data == "shapes"
+    if shapes and (args.vae != "none" or args.data_root or args.text_encoder not in (None, "builtin")):
+        parser.error("--data shapes generates pixels for the built-in text encoder: no --vae, --data-root or "
+                     "--text-encoder")
+    if not shapes and (not args.data_root or not os.path.isdir(args.data_root) or args.vae == "none"):
+        parser.error(f"--data coco needs --data-root pointing to the data (got {args.data_root!r}) and "
+                     "a --vae")
+    args.image_size = args.image_size or (32 if shapes else 64)
+    args.text_encoder = args.text_encoder or ("builtin" if shapes else CLIP_DEFAULT)
+    args.patch_size = args.patch_size or (8 if shapes else 2)
+    for name in ("vae", "text_encoder"):  # recorded in the checkpoint: absolute, so sample.py finds it
+        if os.path.isdir(getattr(args, name)):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if args.vae not in ("none", *flow.VAE_NAMES) and not os.path.isdir(args.vae):
+        parser.error(f"--vae {args.vae}: not 'none', 'sd-ema', 'sd-mse' or an existing folder")
+    if args.mapper_from and args.prior != "text":
+        parser.error("--mapper-from needs --prior text (the Gaussian prior has no mapper)")
+    if not 0 <= args.cfg_dropout < 1 or not 0 <= args.ema_decay < 1:
+        parser.error("--cfg-dropout and --ema-decay must lie in [0, 1)")
+    for name in ("mapper_steps", "global_batch", "max_batch_per_gpu", "log_every", "sample_every",
+                 "ckpt_every", "patch_size", "warmup_steps", "text_length", "mapper_width",
+                 "max_train_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("lr", "mapper_lr", "grad_clip", "prior_sigma"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.steps < 0 or args.mapper_noise_dim < 0 or args.workers < 0 or min(args.sample_nfe) < 1:
+        parser.error("--steps, --mapper-noise-dim and --workers must be >= 0, --sample-nfe positive")
+    if os.path.isfile(args.out):
+        parser.error(f"--out {args.out} is an existing file, not a folder")
 
 
 if __name__ == "__main__":

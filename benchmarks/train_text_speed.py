@@ -4,19 +4,21 @@ Prints, per configuration: parameters, seconds per step, images per second, and 
 (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set size).
 
     python benchmarks/train_text_speed.py                       # the built-in shapes setup
-    python benchmarks/train_text_speed.py --setup coco64 --model DiT-S DiT-B --batch 64
+    python benchmarks/train_text_speed.py --setup coco64 --model S B --batch 64
+    python benchmarks/train_text_speed.py --smoke               # seconds: one tiny step, writes nothing
 """
 import argparse
 import os
 import resource
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import flow  # noqa: E402
-import train_text  # noqa: E402
+import flow
+import train_text
 
 SETUPS = {  # name: (latent shape, patch, pooled dim, token dim, tokens)
     "shapes": ((3, 32, 32), 8, 64, 64, 8),  # pixels, built-in word encoder
@@ -29,15 +31,15 @@ def time_steps(model, batch, setup, device, steps, warmup=2):
     shape, _, pooled_dim, token_dim, tokens = SETUPS[setup]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x1 = torch.randn(batch, *shape, device=device)
-    cond = (torch.randn(batch, pooled_dim, device=device), torch.randn(batch, tokens, token_dim, device=device))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    y = (torch.randn(batch, pooled_dim, device=device), torch.randn(batch, tokens, token_dim, device=device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with autocast:
-            loss = flow.flow_matching_loss(model, torch.randn_like(x1), x1, cond)
+            loss = flow.flow_matching_loss(model, torch.randn_like(x1), x1, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -47,32 +49,39 @@ def time_steps(model, batch, setup, device, steps, warmup=2):
 
 
 def main(args):
+    if args.smoke:
+        args.model, args.batch, args.steps = ["tiny"], 4, 1
     device = torch.device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, setup {args.setup}, batch {args.batch}")
     print("| model | parameters | s / step | images / s | peak memory |")
     print("|---|---|---|---|---|")
+    shape, patch, pooled_dim, token_dim, _ = SETUPS[args.setup]
     for name in args.model:
-        shape, patch, pooled_dim, token_dim, _ = SETUPS[args.setup]
-        width, depth, heads = train_text.MODELS[name]
         torch.manual_seed(0)
-        model = train_text.TextDiT(shape, pooled_dim, token_dim, width, depth, heads, patch).to(device)
+        model = train_text.DiT(shape, pooled_dim, token_dim, patch=patch, **train_text.MODELS[name])
+        model = model.to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds = time_steps(model, args.batch, args.setup, device, args.steps)
-        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss: KiB on Linux
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         print(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {seconds:.3f} | "
               f"{args.batch / seconds:.1f} | {peak / 2**20:.0f} MiB |")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--setup", default="shapes", choices=list(SETUPS), help="latent shape and text encoder sizes")
-    parser.add_argument("--model", nargs="+", default=["tiny", "small"], choices=list(train_text.MODELS), help="network presets")
-    parser.add_argument("--batch", type=int, default=64, help="images per step")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    return parser.parse_args(argv)
+    add = parser.add_argument
+    add("--setup", default="shapes", choices=list(SETUPS), help="latent shape and text encoder sizes")
+    add("--model", nargs="+", default=["tiny", "small"], choices=list(train_text.MODELS), help="DiT presets")
+    add("--batch", type=int, default=64, help="images per step")
+    add("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add("--smoke", action="store_true", help="one timed step of the tiny network at batch 4 (a quick check)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1:
+        parser.error("--batch and --steps must be positive")
+    return args
 
 
 if __name__ == "__main__":
