@@ -247,9 +247,10 @@ class Split:
 
     def batch(self, index, device):
         """Pairs `index` -> (x1 (B, C, H, W), y = (pooled (B, Dp), tokens (B, L, Dt)))."""
-        rows = self.caption_of_pair[np.asarray(index)]
-        x1, pooled, tokens = (torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device) for a in (
-            self.images[self.image_of_pair[np.asarray(index)]], self.pooled[rows], self.tokens[rows]))
+        index = np.asarray(index)
+        rows = self.caption_of_pair[index]
+        arrays = self.images[self.image_of_pair[index]], self.pooled[rows], self.tokens[rows]
+        x1, pooled, tokens = (torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device) for a in arrays)
         return x1, (pooled, tokens)
 
     def texts(self, index):
@@ -285,8 +286,8 @@ def coco_split(args, split, encoder, rank, world_size, device, normalisation=Non
     paths, captions, image_of_pair = read_coco(args.data_root, split)
     if split == args.coco_split and args.max_train_images:
         keep = image_of_pair < args.max_train_images
-        paths, captions, image_of_pair = paths[:args.max_train_images], np.array(captions)[keep], \
-            image_of_pair[keep]
+        captions = [caption for caption, kept in zip(captions, keep) if kept]
+        paths, image_of_pair = paths[:args.max_train_images], image_of_pair[keep]
     distinct = sorted(set(captions))
     cache = os.path.join(args.latent_cache or os.path.join(args.out, "latents"), split)
     info_path = os.path.join(cache, "info.json")
