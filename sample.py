@@ -248,7 +248,7 @@ def main(args):
     indices = np.arange(rank, args.num_images, world)  # process r makes images r, r + world, ...
     for nfe in args.nfe:
         local, transport, straight, measured, seconds = sample_images(sampler, indices, conditions, nfe, args,
-                                                                      device, rank == 0)
+                                                                      device, rank == 0 and not args.quiet)
         transport, straight, seconds = all_reduce_sum((transport, straight, seconds), device)
         name = os.path.join(args.out, f"{args.solver}_nfe{nfe:03d}")
         result = {"kind": kind, "checkpoint": checkpoint, "ema": not args.no_ema, "solver": args.solver,
@@ -299,6 +299,7 @@ def parse_args(argv=None):
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="class checkpoints: cycle over these classes (default: all)")
     parser.add_argument("--prompts", default=None, help="text checkpoints: file with one prompt per line, cycled over")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
     parser.add_argument("--fid-ref", default=None, help="REF.npz from `fid.py ref`: compute FID right after sampling, write no images")
     parser.add_argument("--kid", action="store_true", help="with --fid-ref: also compute KID")

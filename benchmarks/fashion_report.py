@@ -1,0 +1,251 @@
+"""Tables and plots of the Fashion-MNIST experiment, regenerated from its run folders.
+
+Reads what benchmarks/fashion_experiment.py left in --out (sample.py's JSON per NFE, train_class.py's
+log.jsonl, the floors) and writes into --docs: fashion_results.json (every number), fashion_tables.md
+(the tables of docs/fashion_mnist.md), fashion_fd_vs_nfe.png, fashion_fd_vs_steps.png,
+fashion_grid_nfeN.png (one row per class) and fashion_class_means.png.
+
+Run:
+    python benchmarks/fashion_report.py --out runs/fashion --docs docs/img
+    python benchmarks/fashion_report.py --smoke     # on a made-up run folder, under a temporary folder
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+MAIN = ("condot", "batchot", "class", "class-ot")
+NAMES = {"condot": "CondOT (N(0, I))", "batchot": "BatchOT", "class": "class prior", "class-ot": "class prior + OT",
+         "class-sigma0.25": "class prior, sigma 0.25", "class-sigma1": "class prior, sigma 1",
+         "condot-logitnormal": "CondOT, logit-normal t", "class-logitnormal": "class prior, logit-normal t",
+         "class-cfg": "class prior, CFG dropout 0.1"}
+
+
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def read_run(run):
+    """Everything measured for one configuration."""
+    results = {"euler": {}, "midpoint": {}, "steps": {}, "cfg": {}}
+    for solver in ("euler", "midpoint"):
+        for path in glob.glob(os.path.join(run, "eval", solver, f"{solver}_nfe*.json")):
+            record = read_json(path)
+            results[solver][record["nfe"]] = record
+    for path in glob.glob(os.path.join(run, "eval", "step_*", "euler_nfe*.json")):
+        record = read_json(path)
+        step = int(os.path.basename(os.path.dirname(path))[5:])
+        results["steps"].setdefault(step, {})[record["nfe"]] = record["fd"]
+    final_step = max((int(os.path.basename(p)[5:-3]) for p in glob.glob(os.path.join(run, "checkpoints", "*.pt"))),
+                     default=0)
+    for nfe, record in results["euler"].items():
+        results["steps"].setdefault(final_step, {})[nfe] = record["fd"]
+    for path in glob.glob(os.path.join(run, "eval", "cfg*", "euler_nfe*.json")):
+        record = read_json(path)
+        results["cfg"].setdefault(record["cfg_scale"], {})[record["nfe"]] = record
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] if os.path.exists(
+        os.path.join(run, "log.jsonl")) else []
+    results["final_step"] = final_step
+    if log:
+        tail = log[len(log) // 2:]  # the second half: past warm-up and start-up
+        results["train_transport_cost"] = float(np.mean([r["transport_cost"] for r in tail]))
+        results["train_images_per_s"] = float(np.median([r["images_per_s"] for r in tail]))
+        results["peak_memory_gib"] = max((r.get("peak_memory_gib", 0) for r in log), default=0)
+    return results
+
+
+def fd(results, nfe, solver="euler"):
+    record = results[solver].get(nfe)
+    return record["fd"] if record else float("nan")
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def number(value, digits=1):
+    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def nfe_table(runs, names, solver, nfes, floors):
+    rows = [[NAMES[n]] + [f"{number(fd(runs[n], k, solver))} / {number(100 * acc(runs[n], k, solver), 0)}%"
+                          for k in nfes] for n in names if n in runs]
+    rows += [[f"floor: {label}"] + [number(value)] * len(nfes) for label, value in floors]
+    return table([f"{solver}: FD-EffNet / class accuracy"] + [f"NFE {k}" for k in nfes], rows)
+
+
+def acc(results, nfe, solver="euler"):
+    record = results[solver].get(nfe)
+    return record.get("class_accuracy", float("nan")) if record else float("nan")
+
+
+def first_step_reaching(curve, nfe, target):
+    steps = [step for step in sorted(curve) if curve[step].get(nfe, float("inf")) <= target]
+    return steps[0] if steps else None
+
+
+def targets(runs):
+    """The issue's performance targets, measured side by side."""
+    if "condot" not in runs:
+        return {}
+    condot = runs["condot"]
+    candidates = [n for n in runs if n.startswith("class") and n != "class-cfg"]
+    best = min(candidates, key=lambda n: fd(runs[n], 4)) if candidates else None
+    if best is None:
+        return {}
+    out = {"best_class_config": best, "best_fd_nfe4": fd(runs[best], 4), "condot_fd_nfe16": fd(condot, 16),
+           "best_fd_nfe2": fd(runs[best], 2), "condot_fd_nfe8": fd(condot, 8),
+           "condot_final_step": condot["final_step"]}
+    out["nfe4_beats_condot_nfe16"] = out["best_fd_nfe4"] <= out["condot_fd_nfe16"]
+    out["stretch_nfe2_beats_condot_nfe8"] = out["best_fd_nfe2"] <= out["condot_fd_nfe8"]
+    for nfe in (4, 16):
+        reached = first_step_reaching(runs[best]["steps"], nfe, fd(condot, nfe))
+        out[f"steps_to_condot_final_fd_nfe{nfe}"] = reached
+        out[f"half_the_steps_nfe{nfe}"] = reached is not None and reached <= condot["final_step"] / 2
+    return out
+
+
+def plots(runs, floors, docs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in [n for n in MAIN if n in runs]:
+        for solver, style in (("euler", "-o"), ("midpoint", "--s")):
+            nfes = sorted(runs[name][solver])
+            axes[0].plot(nfes, [fd(runs[name], k, solver) for k in nfes], style, label=f"{NAMES[name]}, {solver}")
+        curve = runs[name]["steps"]
+        axes[1].plot(sorted(curve), [curve[s].get(4, np.nan) for s in sorted(curve)], "-o", label=NAMES[name])
+    for axis in axes:
+        for label, value in floors:
+            if np.isfinite(value):
+                axis.axhline(value, color="gray", linestyle=":", linewidth=1)
+        if axis.has_data():
+            axis.set_yscale("log")
+        axis.set_ylabel("FD-EffNet")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("NFE")
+    axes[1].set_xlabel("training step (Euler, NFE 4)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(os.path.join(docs, "fashion_fd_vs_nfe.png"), dpi=110)
+    plt.close(figure)
+
+
+def grids(out, docs):
+    """One PNG per NFE: the four configurations side by side, one row per class, 8 samples each."""
+    from PIL import Image
+
+    for path in glob.glob(os.path.join(out, "runs", "condot", "eval", "grids", "euler_nfe*.npz")):
+        panels = []
+        for name in MAIN:
+            npz = os.path.join(out, "runs", name, "eval", "grids", os.path.basename(path))
+            if not os.path.exists(npz):
+                continue
+            with np.load(npz) as data:
+                images, labels = data["arr_0"], data["arr_1"]
+            rows = [np.concatenate(list(images[labels == c][:8]), axis=1) for c in np.unique(labels)]
+            panels += [np.concatenate(rows, axis=0), np.full((len(rows) * images.shape[1], 8, 3), 255, np.uint8)]
+        Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(
+            os.path.join(docs, "fashion_grid_" + os.path.basename(path).split("_")[1][:-4] + ".png"))
+
+
+def main(args):
+    os.makedirs(args.docs, exist_ok=True)
+    runs = {os.path.basename(run): read_run(run) for run in sorted(glob.glob(os.path.join(args.out, "runs", "*")))}
+    floor_real = read_json(os.path.join(args.out, "floor_real.json"))["fd"]
+    floor_path = os.path.join(args.out, "runs", "class-ot", "eval", "floor", "vae_floor.json")
+    floor_ae = read_json(floor_path)["fd"] if os.path.exists(floor_path) else float("nan")
+    floors = [("real vs real", floor_real), ("TAEF2 reconstructions", floor_ae)]
+    prepare = read_json(os.path.join(args.out, "prepare.json"))
+    results = {"runs": runs, "floor_real": floor_real, "floor_autoencoder": floor_ae, "prepare": prepare,
+               "targets": targets(runs)}
+    with open(os.path.join(args.docs, "fashion_results.json"), "w") as file:
+        json.dump(results, file, indent=1, default=str)
+    euler_nfes, midpoint_nfes = (1, 2, 4, 8, 16, 32), (2, 4, 8, 16)
+    sections = [
+        "### Prior x coupling, Euler\n\n" + nfe_table(runs, MAIN, "euler", euler_nfes, floors),
+        "### Prior x coupling, midpoint\n\n" + nfe_table(runs, MAIN, "midpoint", midpoint_nfes, floors),
+        "### Transport cost and straightness\n\n" + table(
+            ["configuration", "training transport cost", "straightness (Euler, NFE 32)", "step"],
+            [[NAMES[n], number(runs[n].get("train_transport_cost")),
+              number(runs[n]["euler"].get(32, {}).get("straightness"), 2), str(runs[n]["final_step"])]
+             for n in runs]),
+        "### Sigma of the class prior (Euler)\n\n" + nfe_table(
+            runs, ("class-sigma0.25", "class", "class-sigma1"), "euler", euler_nfes, floors),
+        "### Time schedule (Euler)\n\n" + nfe_table(
+            runs, ("condot", "condot-logitnormal", "class", "class-logitnormal"), "euler", euler_nfes, floors),
+        "### FD-EffNet against training steps (Euler NFE 4 / NFE 16)\n\n" + table(
+            ["configuration"] + [str(s) for s in sorted(runs.get("condot", {"steps": {}})["steps"])],
+            [[NAMES[n]] + [f"{number(runs[n]['steps'][s].get(4))} / {number(runs[n]['steps'][s].get(16))}"
+                           for s in sorted(runs[n]["steps"])] for n in runs if len(runs[n]["steps"]) > 1]),
+    ]
+    if "class-cfg" in runs:
+        cfg = runs["class-cfg"]
+        scales = {1.0: {k: v for k, v in cfg["euler"].items()}, **cfg["cfg"]}
+        sections.append("### Classifier-free guidance with the class prior (Euler; FD-EffNet / class accuracy)\n\n"
+                        + table(["scale"] + [f"NFE {k}" for k in (1, 2, 4, 16)],
+                                [[str(s)] + [f"{number(scales[s][k]['fd'])} / "
+                                             f"{number(100 * scales[s][k].get('class_accuracy', np.nan), 0)}%"
+                                             if k in scales[s] else "-" for k in (1, 2, 4, 16)]
+                                 for s in sorted(scales)]))
+    sections.append("### Throughput\n\n" + table(
+        ["configuration", "training images/s", "peak GPU memory (GiB)"],
+        [[NAMES[n], number(runs[n].get("train_images_per_s"), 0), number(runs[n].get("peak_memory_gib"), 2)]
+         for n in runs]) + f"\n\nLatent cache: {prepare['latent_examples']} latents (images and their mirror images) "
+        f"in {prepare['cache_seconds']:.0f} s on {prepare['device']}, "
+        f"{prepare['latent_examples'] / prepare['cache_seconds']:.0f} images/s including reading and resizing.")
+    sections.append("### Targets\n\n```\n" + json.dumps(results["targets"], indent=1) + "\n```")
+    with open(os.path.join(args.docs, "fashion_tables.md"), "w") as file:
+        file.write("\n\n".join(sections) + "\n")
+    plots(runs, floors, args.docs)
+    grids(args.out, args.docs)
+    if os.path.exists(os.path.join(args.out, "class_means.png")):
+        shutil.copy(os.path.join(args.out, "class_means.png"), os.path.join(args.docs, "fashion_class_means.png"))
+    print("\n\n".join(sections))
+
+
+def fake_run_folder(out):
+    """A made-up run folder with the files the report reads (for --smoke)."""
+    rng = np.random.default_rng(0)
+    write = lambda path, obj: (os.makedirs(os.path.dirname(path), exist_ok=True),  # noqa: E731
+                               open(path, "w").write(json.dumps(obj)))
+    write(os.path.join(out, "floor_real.json"), {"fd": 10.0})
+    write(os.path.join(out, "prepare.json"), {"latent_examples": 100, "cache_seconds": 2.0, "device": "cpu"})
+    for name in MAIN:
+        run = os.path.join(out, "runs", name)
+        os.makedirs(os.path.join(run, "checkpoints"))
+        open(os.path.join(run, "checkpoints", "step_0000008.pt"), "w").close()
+        write(os.path.join(run, "log.jsonl"), {"step": 8, "transport_cost": 1.0, "images_per_s": 5.0})
+        for solver, nfes in (("euler", (1, 2, 4, 8, 16, 32)), ("midpoint", (2, 4, 8, 16, 32))):
+            for nfe in nfes:
+                write(os.path.join(run, "eval", solver, f"{solver}_nfe{nfe:03d}.json"),
+                      {"nfe": nfe, "fd": float(rng.uniform(10, 100)), "class_accuracy": 0.5, "straightness": 1.0})
+        write(os.path.join(run, "eval", "step_0000004", "euler_nfe004.json"), {"nfe": 4, "fd": 200.0})
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/fashion", help="the experiment folder of fashion_experiment.py")
+    parser.add_argument("--docs", default="docs/img", help="where the tables, results and figures go")
+    parser.add_argument("--smoke", action="store_true", help="report on a made-up run folder, in a temporary folder")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.out = tempfile.mkdtemp(prefix="fashion_report_smoke_")
+        args.docs = os.path.join(args.out, "docs")
+        fake_run_folder(args.out)
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
