@@ -26,7 +26,7 @@ import numpy as np
 import scipy.optimize
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 # ----------------------------------------------------------------------------------------------
 # Priors. Each prior is an nn.Module whose buffers are its statistics, so that `.to(device)`,
@@ -86,7 +86,8 @@ class ClassPrior(nn.Module):
         if tuple(x1.shape[1:]) != self.shape:
             raise ValueError(f"data of shape {tuple(x1.shape[1:])} does not match prior shape {self.shape}")
         if y.numel() and (y.min() < 0 or y.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), "
+                             f"got [{int(y.min())}, {int(y.max())}]")
         flat = x1.reshape(len(x1), -1).to(self.sums)
         self.sums.index_add_(0, y.to(self.sums.device), flat)
         self.square_sums.index_add_(0, y.to(self.sums.device), (flat**2).sum(1))
@@ -364,7 +365,8 @@ def refuse_overwrite(out, checkpoint_files, resume):
     """Stop with one line if `out` already holds checkpoints and --resume was not given:
     a new run would silently overwrite them."""
     if any(checkpoint_files) and not resume:
-        raise SystemExit(f"error: {out} already holds checkpoints: add --resume to continue them, or use another --out")
+        raise SystemExit(f"error: {out} already holds checkpoints: add --resume to continue them, "
+                         "or use another --out")
 
 
 def latest_checkpoint(folder):
@@ -392,7 +394,7 @@ def load_checkpoint(path):
     path = resolve_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as error:  # a truncated or foreign file raises many types
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a truncated or foreign file
         raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
 
 
@@ -428,7 +430,8 @@ def require(module, pip_name=None):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise SystemExit(f"error: this needs the optional package {pip_name or module}: pip install {pip_name or module}")
+        raise SystemExit(f"error: this needs the optional package {pip_name or module}: "
+                         f"pip install {pip_name or module}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +486,8 @@ def load_fashion_mnist(root, split):
     image_file, label_file = (os.path.join(root, name) for name in FASHION_FILES[split])
     images, labels = read_idx(image_file, 3), read_idx(label_file, 1).astype(np.int64)
     if len(images) != len(labels):
-        raise SystemExit(f"error: {image_file} holds {len(images)} images but {label_file} {len(labels)} labels")
+        raise SystemExit(f"error: {image_file} holds {len(images)} images "
+                         f"but {label_file} {len(labels)} labels")
     return images, labels
 
 
@@ -516,7 +520,7 @@ class TinyBlock(nn.Module):
 
     def __init__(self, width=64, pool=False):
         super().__init__()
-        conv = lambda: nn.Conv2d(width, width, 3, padding=1)  # noqa: E731
+        conv = lambda: nn.Conv2d(width, width, 3, padding=1)
         self.conv = nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU(), conv())
         self.pool = nn.Sequential(nn.Conv2d(width, 4 * width, 1, bias=False), nn.GroupNorm(4, 4 * width),
                                   nn.ReLU(), nn.Conv2d(4 * width, width, 1, bias=False)) if pool else None
@@ -533,7 +537,7 @@ class Clamp(nn.Module):
 
 def taef2_encoder(width=64, latent_channels=32):
     """Images in [0, 1] (B, 3, H, W) -> latents (B, 32, H/8, W/8); layout of taef2_encoder.pth."""
-    down = lambda pool: [nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),  # noqa: E731
+    down = lambda pool: [nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
                          *(TinyBlock(width, pool) for _ in range(3))]
     return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), TinyBlock(width), *down(False), *down(False),
                          *down(True), nn.Conv2d(width, latent_channels, 3, padding=1))
@@ -541,7 +545,7 @@ def taef2_encoder(width=64, latent_channels=32):
 
 def taef2_decoder(width=64, latent_channels=32):
     """Latents (B, 32, h, w) -> images in [0, 1] (B, 3, 8h, 8w); layout of taef2_decoder.pth."""
-    up = lambda blocks: [nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1, bias=False),  # noqa: E731
+    up = lambda blocks: [nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1, bias=False),
                          *(TinyBlock(width) for _ in range(blocks))]
     return nn.Sequential(Clamp(), nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU(),
                          *(TinyBlock(width, pool=True) for _ in range(3)), *up(3), *up(3), *up(1),
@@ -580,7 +584,7 @@ def load_taef2(folder):
             state = torch.load(path, map_location="cpu", weights_only=True)
             module = build()
             module.load_state_dict({k: v.float() for k, v in state.items()})  # stored as float16
-        except Exception as error:  # a foreign or truncated file raises several types
+        except Exception as error:  # noqa: BLE001 - a foreign or truncated file raises several types
             raise SystemExit(f"error: {path} is not a TAEF2 state dict ({type(error).__name__}: "
                              f"{str(error).splitlines()[0][:120]})") from None
         parts.append(module)
@@ -595,7 +599,7 @@ def load_autoencoder(name, device="cpu"):
     source = VAE_NAMES.get(name, name)
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(source)
-    except Exception as error:  # diffusers raises several types for missing weights / no network
+    except Exception as error:  # noqa: BLE001 - diffusers raises several types: missing weights, no network
         raise SystemExit(f"error: cannot load the VAE {source!r} ({type(error).__name__}); download it "
                          "once with network access, or pass a local diffusers or TAEF2 folder") from None
     return Autoencoder(name, vae=vae).to(device).eval().requires_grad_(False)

@@ -20,8 +20,8 @@ Run:
     python sample.py --ckpt runs/train_class --nfe 1 2 4 8 16 --num-images 1000 --out runs/samples
     python sample.py --ckpt runs/train_class --nfe 2 4 8 --solver midpoint --cfg-scale 1.5 --classes 3 7
     python sample.py --ckpt runs/train_text --prompts prompts.txt --nfe 4 16 --num-images 64
-    python sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz --kid   # FID/KID only, no images written
-    python sample.py --ckpt CKPT --num-images 10000 --fid-ref REF.npz --vae-floor REAL.npz  # + the VAE's floor
+    python sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz --kid  # FID/KID, no images written
+    python sample.py --ckpt CKPT --num-images 10000 --fid-ref REF.npz --vae-floor REAL.npz  # + VAE floor
     torchrun --standalone --nproc_per_node=8 sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 sample.py ...
 --ckpt takes a checkpoint file or a run folder (its latest checkpoints/step_*.pt). EMA weights are
@@ -64,14 +64,16 @@ def image_conditions(kind, sampler, args):
     """What image i is conditioned on, for every i: a label, or a caption. Depends on i only."""
     if kind == "class":
         if args.prompts:
-            raise SystemExit("error: --prompts is for text checkpoints; this one is class-conditional (use --classes)")
+            raise SystemExit("error: --prompts is for text checkpoints; "
+                             "this one is class-conditional (use --classes)")
         classes = args.classes if args.classes is not None else list(range(sampler.num_classes))
         bad = [c for c in classes if not 0 <= c < sampler.num_classes]
         if bad:
             raise SystemExit(f"error: --classes {bad} outside [0, {sampler.num_classes})")
         return [classes[i % len(classes)] for i in range(args.num_images)]  # class-balanced
     if args.classes is not None:
-        raise SystemExit("error: --classes is for class checkpoints; this one is text-conditional (use --prompts)")
+        raise SystemExit("error: --classes is for class checkpoints; "
+                         "this one is text-conditional (use --prompts)")
     if not args.prompts:
         raise SystemExit("error: a text checkpoint needs --prompts FILE (one prompt per line)")
     with open(args.prompts) as file:
@@ -86,7 +88,8 @@ def label_array(kind, conditions):
     if kind == "class":
         return np.asarray(conditions, dtype=np.int64)
     first_index = {}
-    return np.asarray([first_index.setdefault(caption, len(first_index)) for caption in conditions], dtype=np.int64)
+    return np.asarray([first_index.setdefault(caption, len(first_index)) for caption in conditions],
+                      dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +104,8 @@ def seeded_noise(seeds, shape, device):
 
 def to_uint8(images):
     """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), as written to PNG and npz."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            .permute(0, 2, 3, 1).cpu().numpy())
 
 
 def sample_images(sampler, indices, conditions, nfe, args, device, progress):
@@ -110,10 +114,12 @@ def sample_images(sampler, indices, conditions, nfe, args, device, progress):
     start = time.perf_counter()
     for batch in tqdm(np.array_split(indices, max(1, math.ceil(len(indices) / args.batch_size))),
                       desc=f"{args.solver} NFE {nfe}", disable=not progress):
-        cond = sampler.make_condition(torch.as_tensor([conditions[i] for i in batch]) if isinstance(conditions[0], int)
+        cond = sampler.make_condition(torch.as_tensor([conditions[i] for i in batch])
+                                      if isinstance(conditions[0], int)
                                       else [conditions[i] for i in batch])
         x0 = sampler.prior.sample(cond, seeded_noise(args.first_seed + batch, sampler.latent_shape, device))
-        velocity = flow.guided_velocity(sampler.model, cond, sampler.null_condition(len(batch)), args.cfg_scale)
+        velocity = flow.guided_velocity(sampler.model, cond, sampler.null_condition(len(batch)),
+                                        args.cfg_scale)
         solution = flow.solve(velocity, x0, nfe, args.solver, trajectory=True)
         images.append(to_uint8(sampler.decode(solution.x)))
         # Measures of the sampled trajectories, as sums so that batches and processes add up.
@@ -146,7 +152,8 @@ def save_grid(images, path):
     grid = np.full((rows * (height + 2) + 2, columns * (width + 2) + 2, 3), 255, dtype=np.uint8)
     for k, image in enumerate(images):
         row, column = divmod(k, columns)
-        grid[2 + row * (height + 2):2 + row * (height + 2) + height, 2 + column * (width + 2):2 + column * (width + 2) + width] = image
+        grid[2 + row * (height + 2):2 + row * (height + 2) + height,
+             2 + column * (width + 2):2 + column * (width + 2) + width] = image
     scale = max(1, 32 // min(height, width))
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
@@ -192,7 +199,8 @@ def default_out(checkpoint):
 
 
 def refuse_existing(args):
-    names = [f"{args.solver}_nfe{nfe:03d}.json" for nfe in args.nfe] + ["vae_floor.json"] * bool(args.vae_floor)
+    names = ([f"{args.solver}_nfe{nfe:03d}.json" for nfe in args.nfe]
+             + ["vae_floor.json"] * bool(args.vae_floor))
     existing = [name for name in names if os.path.exists(os.path.join(args.out, name))]
     if existing and not args.overwrite:
         raise SystemExit(f"error: {args.out} already holds {existing[0]}: pass --overwrite or another --out")
@@ -207,11 +215,12 @@ def load_metrics(args, sampler, device):
     space = fid.load_feature_space(reference["feature_space"], device, args.inception_weights)
     fid.check_reference(reference, space)
     if args.kid and min(args.num_images, len(reference["features"])) < args.kid_subset_size:
-        raise SystemExit(f"error: KID subsets of {args.kid_subset_size} need --num-images and the reference to hold "
-                         f"at least that many images (got {args.num_images} and {len(reference['features'])}): "
-                         "lower --kid-subset-size")
+        raise SystemExit(f"error: KID subsets of {args.kid_subset_size} need --num-images and the reference "
+                         f"to hold at least that many images (got {args.num_images} and "
+                         f"{len(reference['features'])}): lower --kid-subset-size")
     if args.vae_floor and sampler.options.get("vae", "none") in (None, "none"):
-        raise SystemExit("error: --vae-floor needs a latent (autoencoder) checkpoint; this one trains on pixels")
+        raise SystemExit("error: --vae-floor needs a latent (autoencoder) checkpoint; "
+                         "this one trains on pixels")
     return fid, reference, space
 
 
@@ -254,7 +263,8 @@ def main(args):
         result = {"kind": kind, "checkpoint": checkpoint, "ema": not args.no_ema, "solver": args.solver,
                   "nfe_requested": nfe, "nfe": max(measured), "cfg_scale": args.cfg_scale,
                   "num_images": args.num_images, "first_seed": args.first_seed, "world_size": world,
-                  "seconds_per_image": seconds / args.num_images,  # process-seconds: comparable across world sizes
+                  # process-seconds: comparable across world sizes
+                  "seconds_per_image": seconds / args.num_images,
                   "transport_cost": transport / args.num_images, "straightness": straight / args.num_images}
         if reference is not None:  # metrics straight from memory, no image written
             features = gather(space.features(local), indices, args.num_images)
@@ -284,34 +294,50 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN/samples/step_N of the checkpoint)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: RUN/samples/step_N of the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--vae", default=None,
                         help="autoencoder to decode with instead of the checkpoint's (e.g. its folder moved)")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="NFE budgets to sample at")
-    parser.add_argument("--solver", default="euler", choices=list(flow.SOLVERS), help="fixed-step ODE solver (midpoint: 2 NFE per step)")
-    parser.add_argument("--num-images", type=int, default=64, help="number of images (not --num: torchrun would take that for its --numa-binding)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="NFE budgets to sample at")
+    parser.add_argument("--solver", default="euler", choices=list(flow.SOLVERS),
+                        help="fixed-step ODE solver (midpoint: 2 NFE per step)")
+    parser.add_argument("--num-images", type=int, default=64,
+                        help="number of images (not --num: torchrun would take that for its --numa-binding)")
     parser.add_argument("--first-seed", type=int, default=0, help="image i uses seed FIRST_SEED + i")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
-    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class checkpoints: cycle over these classes (default: all)")
-    parser.add_argument("--prompts", default=None, help="text checkpoints: file with one prompt per line, cycled over")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale (1: no guidance)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="class checkpoints: cycle over these classes (default: all)")
+    parser.add_argument("--prompts", default=None,
+                        help="text checkpoints: file with one prompt per line, cycled over")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="use the raw weights instead of the EMA weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
-    parser.add_argument("--fid-ref", default=None, help="REF.npz from `fid.py ref`: compute FID right after sampling, write no images")
+    parser.add_argument("--fid-ref", default=None,
+                        help="REF.npz from `fid.py ref`: compute FID right after sampling, write no images")
     parser.add_argument("--kid", action="store_true", help="with --fid-ref: also compute KID")
-    parser.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (torch-fidelity's default)")
-    parser.add_argument("--inception-weights", default=None, help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
-    parser.add_argument("--vae-floor", default=None, help="real images (folder, npz): also report the FID of their VAE reconstructions")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="images per KID subset (torch-fidelity's default)")
+    parser.add_argument("--inception-weights", default=None,
+                        help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
+    parser.add_argument("--vae-floor", default=None,
+                        help="real images (folder, npz): "
+                             "also report the FID of their VAE reconstructions")
     args = parser.parse_args(argv)
     if min(args.nfe) < 1 or args.num_images < 1 or args.batch_size < 1:
         parser.error("--nfe, --num-images and --batch-size must be positive")
     per_step = flow.SOLVERS[args.solver][1]
     if any(nfe % per_step for nfe in args.nfe):
-        parser.error(f"{args.solver} takes {per_step} evaluations per step: every --nfe must be a multiple of {per_step}")
+        parser.error(f"{args.solver} takes {per_step} evaluations per step: "
+                     f"every --nfe must be a multiple of {per_step}")
     return args
 
 

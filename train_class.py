@@ -43,9 +43,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 from tqdm import tqdm
 
 import flow
@@ -54,8 +54,8 @@ BUILTIN_DIGITS = "builtin-digits"
 # Arguments that define the model, the method and the data: a checkpoint made with other values
 # cannot be resumed. Everything else (steps, logging, batch cap, compile) may change on resume.
 CONFIG_KEYS = ("data", "max_train_images", "image_size", "vae", "model", "patch_size", "prior", "prior_sigma",
-               "prior_spread", "coupling", "time_schedule", "cfg_dropout", "cfg_null_prior", "global_batch", "lr",
-               "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "precision", "seed")
+               "prior_spread", "coupling", "time_schedule", "cfg_dropout", "cfg_null_prior", "global_batch",
+               "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "precision", "seed")
 
 # ----------------------------------------------------------------------------------------------
 # Data. Everything becomes (x, y): x (N, C, H, W), either uint8 pixels (0..255) or float model
@@ -92,8 +92,9 @@ def read_imagenet_npz(path):
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(f"error: {path} is not a Downsampled ImageNet npz batch with 'data' and 'labels' "
                          f"({type(error).__name__}: {error})") from None
-    side = int(round(math.sqrt(data.shape[-1] / 3))) if data.ndim == 2 else 0
-    if data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1] or len(labels) != len(data):
+    side = round(math.sqrt(data.shape[-1] / 3)) if data.ndim == 2 else 0
+    if (data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1]
+            or len(labels) != len(data)):
         raise SystemExit(f"error: {path}: 'data' is {data.dtype} {data.shape} with {len(labels)} labels, "
                          "expected uint8 (N, 3*S*S) and N labels")
     if labels.min() < 1 or labels.max() > 1000:
@@ -111,7 +112,8 @@ def image_folder(path, image_size):
     try:
         return datasets.ImageFolder(path, transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
-        raise SystemExit(f"error: {path} is not an image folder with one subfolder per class ({error})") from None
+        raise SystemExit(f"error: {path} is not an image folder with one subfolder per class "
+                         f"({error})") from None
 
 
 def image_batches(args, rank, world_size, batch_size=256):
@@ -198,7 +200,8 @@ def load_latents(args, rank, world_size, device):
         num_classes = encode_to_cache(args, cache, rank, world_size, device)
         barrier()
         if rank == 0:
-            raw = np.concatenate([read_cache(cache, "latents", world_size), read_cache(cache, "flipped", world_size)])
+            raw = np.concatenate([read_cache(cache, "latents", world_size),
+                                  read_cache(cache, "flipped", world_size)])
             mean, std = channel_statistics(raw)
             info = dict(wanted, num_images=len(raw) // 2, num_classes=num_classes, world_size=world_size,
                         latent_mean=mean, latent_std=std)
@@ -208,12 +211,14 @@ def load_latents(args, rank, world_size, device):
         info = json.load(file)
     if any(info.get(key) != value for key, value in wanted.items()):
         made = {key: info.get(key) for key in wanted}
-        raise SystemExit(f"error: latent cache {cache} was made from {made}, not {wanted}: pass another --latent-cache")
+        raise SystemExit(f"error: latent cache {cache} was made from {made}, not {wanted}: "
+                         "pass another --latent-cache")
     if args.max_train_images and info["num_images"] < args.max_train_images:
         raise SystemExit(f"error: latent cache {cache} holds {info['num_images']} images, fewer than "
                          f"--max-train-images {args.max_train_images}: pass another --latent-cache")
     count = args.max_train_images or info["num_images"]
-    latents, flipped = (read_cache(cache, name, info["world_size"])[:count] for name in ("latents", "flipped"))
+    latents, flipped = (read_cache(cache, name, info["world_size"])[:count]
+                        for name in ("latents", "flipped"))
     labels = torch.from_numpy(read_cache(cache, "labels", info["world_size"])[:count])
     mean, std = (torch.tensor(info[key]).reshape(-1, 1, 1) for key in ("latent_mean", "latent_std"))
     x = (torch.from_numpy(np.concatenate([latents, flipped])) - mean) / std
@@ -263,11 +268,11 @@ class BatchOrder:
 # Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
 
 MODELS = {  # name: width, depth, heads (with --patch-size 2: DiT-S/2, B/2, L/2)
-    "tiny": dict(width=64, depth=4, heads=4),  # built-in 8x8 digits on a CPU
-    "small": dict(width=256, depth=6, heads=4),  # Fashion-MNIST latents, minutes on one GPU
-    "S": dict(width=384, depth=12, heads=6),
-    "B": dict(width=768, depth=12, heads=12),
-    "L": dict(width=1024, depth=24, heads=16),
+    "tiny": {"width": 64, "depth": 4, "heads": 4},  # built-in 8x8 digits on a CPU
+    "small": {"width": 256, "depth": 6, "heads": 4},  # Fashion-MNIST latents, minutes on one GPU
+    "S": {"width": 384, "depth": 12, "heads": 6},
+    "B": {"width": 768, "depth": 12, "heads": 12},
+    "L": {"width": 1024, "depth": 24, "heads": 16},
 }
 
 
@@ -293,7 +298,8 @@ class DiTBlock(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def attention(self, x):
@@ -314,7 +320,8 @@ class DiT(nn.Module):
         super().__init__()
         channels, height, width_pixels = latent_shape
         if height % patch or width_pixels % patch:
-            raise SystemExit(f"error: latents of size {height}x{width_pixels} cannot be cut into {patch}x{patch} patches")
+            raise SystemExit(f"error: latents of size {height}x{width_pixels} cannot be cut into "
+                             f"{patch}x{patch} patches")
         self.patch, self.grid = patch, (height // patch, width_pixels // patch)
         self.embed_patches = nn.Linear(patch * patch * channels, width)
         self.position = nn.Parameter(0.02 * torch.randn(1, self.grid[0] * self.grid[1], width))
@@ -357,7 +364,8 @@ class DiT(nn.Module):
 
 
 def build_model(args, config):
-    return DiT(tuple(config["latent_shape"]), config["num_classes"], patch=args.patch_size, **MODELS[args.model])
+    return DiT(tuple(config["latent_shape"]), config["num_classes"], patch=args.patch_size,
+               **MODELS[args.model])
 
 
 def build_prior(args, config):
@@ -442,7 +450,8 @@ def train_step(step, model, forward, optimizer, prior, x, y, order, config, args
         # DDP all-reduces gradients only on the last micro-batch.
         sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
         with sync:
-            with autocast(args, device):  # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
+            # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
+            with autocast(args, device):
                 loss = flow.flow_matching_loss(forward, x0, x1, cond, args.time_schedule)
             (loss * len(micro) / len(index)).backward()  # the mean over this rank's whole batch
         total_loss += loss.item() * len(micro) / len(index)
@@ -476,17 +485,20 @@ def resume(args, config, model, ema, optimizer, rank, world_size):
     saved = checkpoint.get("args", {})
     for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
-            raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} {saved.get(key)!r}, "
-                             f"not {getattr(args, key)!r}: use another --out or the same options")
+            raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} "
+                             f"{saved.get(key)!r}, not {getattr(args, key)!r}: "
+                             "use another --out or the same options")
     if checkpoint.get("config") != config:
-        raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): use another --out")
+        raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): "
+                         "use another --out")
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["opt"])
     if len(checkpoint["rng"]) == world_size:
         flow.set_rng_state(checkpoint["rng"][rank])
     elif rank == 0:
-        print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: same data order, new noise")
+        print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: "
+              "same data order, new noise")
     return checkpoint["step"]
 
 
@@ -499,13 +511,15 @@ def save_sample_grids(args, config, step, ema, prior, decode, device):
     classes = torch.linspace(0, num_classes - 1, min(10, num_classes)).round().long()
     labels = classes.repeat_interleave(8).to(device)
     generator = torch.Generator().manual_seed(args.seed)  # a fixed generator: grids compare across steps
-    x0 = prior.sample(labels, torch.randn(len(labels), *config["latent_shape"], generator=generator).to(device))
+    x0 = prior.sample(labels,
+                      torch.randn(len(labels), *config["latent_shape"], generator=generator).to(device))
     velocity = flow.guided_velocity(ema, labels, torch.full_like(labels, num_classes), args.sample_cfg)
     for nfe in args.sample_nfe:
         images = decode(flow.solve(velocity, x0, nfe, "euler").x)
         if images.shape[-1] < 32:  # 8x8 digits: enlarge (nearest) so the grid is readable
             images = F.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
-        save_image((images + 1) / 2, os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png"), nrow=8)
+        save_image((images + 1) / 2, os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png"),
+                   nrow=8)
 
 
 def make_decoder(vae, config, device):
@@ -529,8 +543,10 @@ def make_decoder(vae, config, device):
 def main(args):
     rank, world_size, device = flow.setup_distributed()
     if args.global_batch % world_size:
-        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world_size} processes")
-    flow.refuse_overwrite(args.out, [flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))], args.resume)
+        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
+                         f"{world_size} processes")
+    flow.refuse_overwrite(args.out, [flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))],
+                          args.resume)
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -559,7 +575,8 @@ def main(args):
         os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         save_json(vars(args), os.path.join(args.out, "args.json"))
-        flow.trim_log(log_path, lambda record: record["step"] <= step)  # resumed: drop lines after the checkpoint
+        # Resumed: drop the log lines after the checkpoint.
+        flow.trim_log(log_path, lambda record: record["step"] <= step)
         print(f"{len(x)} training examples of shape {config['latent_shape']}, {num_classes} classes, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{world_size} process(es) on {device}")
@@ -576,7 +593,8 @@ def main(args):
             if world_size > 1:
                 dist.all_reduce(sums)
             elapsed, (loss_sum, cost_sum, count) = time.perf_counter() - start, sums.tolist()
-            record = {"step": done, "loss": loss_sum / count, "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
+            record = {"step": done, "loss": loss_sum / count,
+                      "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
                       "images_per_s": args.global_batch * count / world_size / elapsed,
                       "transport_cost": cost_sum / count, "grad_norm": grad_norm}
             if device.type == "cuda":
@@ -638,36 +656,45 @@ def parse_args(argv=None):
         help="built-in scikit-learn digits (offline), Fashion-MNIST idx files, the Downsampled ImageNet npz "
              "release, or an ImageFolder tree")
     add("--data-root", default=None, help="folder of the data set (not for builtin-digits)")
-    add("--max-train-images", type=int, default=None, help="use only the first N training images (quick runs)")
+    add("--max-train-images", type=int, default=None,
+        help="use only the first N training images (quick runs)")
     add("--image-size", type=int, default=None,
         help="image side in pixels (default: the data set's, 64 for Fashion-MNIST and ImageFolder)")
-    add("--vae", default="none", help="'none' (train on pixels), 'sd-ema', 'sd-mse', a local diffusers "
-                                      "AutoencoderKL folder, or a folder with taef2_encoder.pth and taef2_decoder.pth")
-    add("--latent-cache", default=None, help="folder for the encoded latents (default OUT/latents); share it between runs")
-    add("--workers", type=int, default=4, help="image-reading workers while building an ImageFolder latent cache")
+    add("--vae", default="none",
+        help="'none' (train on pixels), 'sd-ema', 'sd-mse', a local diffusers AutoencoderKL folder, "
+             "or a folder with taef2_encoder.pth and taef2_decoder.pth")
+    add("--latent-cache", default=None,
+        help="folder for the encoded latents (default OUT/latents); share it between runs")
+    add("--workers", type=int, default=4,
+        help="image-reading workers while building an ImageFolder latent cache")
     # Model and method.
     add("--model", default="tiny", choices=list(MODELS), help="DiT size preset")
     add("--patch-size", type=int, default=2, help="DiT patch side in latent pixels")
-    add("--prior", default="class", choices=["gaussian", "class"], help="N(0, I) (CondOT) or N(m(c), sigma^2 I)")
+    add("--prior", default="class", choices=["gaussian", "class"],
+        help="N(0, I) (CondOT) or N(m(c), sigma^2 I)")
     add("--prior-sigma", type=float, default=0.5, help="sigma of the class prior")
     add("--prior-spread", default="fixed", choices=["fixed", "class"],
         help="sigma for every class, or sigma times the class's own std")
     add("--coupling", default="independent", choices=["independent", "ot"],
         help="pairs as drawn, or minibatch OT (within a class for the class prior)")
     add("--time-schedule", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
-    add("--cfg-dropout", type=float, default=0.0, help="probability of dropping a label to the null class (CFG training)")
+    add("--cfg-dropout", type=float, default=0.0,
+        help="probability of dropping a label to the null class (CFG training)")
     add("--cfg-null-prior", default="mixture", choices=["mixture", "own"],
-        help="class prior: dropped-label samples start from a random class's prior (the mixture) or their own")
+        help="class prior: dropped-label samples start from a random class's prior (the mixture) "
+             "or their own")
     # Optimisation.
     add("--steps", type=int, default=1200, help="total optimizer steps")
     add("--global-batch", type=int, default=64, help="images per optimizer step, over all processes")
-    add("--max-batch-per-gpu", type=int, default=512, help="micro-batch cap per process; larger batches accumulate gradients")
+    add("--max-batch-per-gpu", type=int, default=512,
+        help="micro-batch cap per process; larger batches accumulate gradients")
     add("--lr", type=float, default=1e-3, help="AdamW learning rate after warmup")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
     add("--grad-clip", type=float, default=1.0, help="gradient norm clip")
     add("--ema-decay", type=float, default=0.999, help="EMA decay per step (after a warmup, see ema_decay)")
-    add("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast precision on CUDA (CPU runs fp32)")
+    add("--precision", default="bf16", choices=["bf16", "fp32"],
+        help="autocast precision on CUDA (CPU runs fp32)")
     add("--compile", action="store_true", help="torch.compile the network")
     add("--seed", type=int, default=0, help="seed for weights, data order and noise (offset by rank)")
     # Logging, samples, checkpoints.

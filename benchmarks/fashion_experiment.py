@@ -87,11 +87,12 @@ def run_all(commands, parallel, deadline=None):
 def train_options(args, name):
     budget = ["--steps", args.steps, "--ckpt-every", args.steps // 4, "--sample-every", args.steps,
               "--log-every", max(1, args.steps // 40)]
-    return [str(option) for option in ["--data", "fashion-mnist", "--data-root", args.data_root, "--vae", args.vae,
-            "--latent-cache", os.path.join(args.out, "latents"), "--model", args.model,
-            "--global-batch", args.batch, "--lr", args.lr, "--warmup-steps", min(500, args.steps // 10 + 1),
-            "--ema-decay", 0.999, "--max-train-images", args.max_train_images or 60000, *budget,
-            "--quiet", "--out", os.path.join(args.out, "runs", name), *CONFIGS[name]]]
+    return [str(option) for option in [
+        "--data", "fashion-mnist", "--data-root", args.data_root, "--vae", args.vae,
+        "--latent-cache", os.path.join(args.out, "latents"), "--model", args.model,
+        "--global-batch", args.batch, "--lr", args.lr, "--warmup-steps", min(500, args.steps // 10 + 1),
+        "--ema-decay", 0.999, "--max-train-images", args.max_train_images or 60000, *budget,
+        "--quiet", "--out", os.path.join(args.out, "runs", name), *CONFIGS[name]]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +115,9 @@ def prepare(args):
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **normalisation}
     reference = os.path.join(args.out, "reference.npz")
     if not os.path.exists(reference):
-        command = python("fid.py", "ref", "--images", args.data_root, "--split", "test", "--feature-space", "effnet",
-                         "--probe-train", args.data_root, "--probe-max-images", args.probe_images, "--out", reference,
+        command = python("fid.py", "ref", "--images", args.data_root, "--split", "test",
+                         "--feature-space", "effnet", "--probe-train", args.data_root,
+                         "--probe-max-images", args.probe_images, "--out", reference,
                          "--max-images", args.reference_images)
         subprocess.run(command, check=True, cwd=ROOT)
     # Real training images (not the reference's): the real-vs-real and the autoencoder floors.
@@ -123,15 +125,17 @@ def prepare(args):
     picked = np.random.default_rng(0).choice(len(images), args.num_images, replace=False)
     real = flow.fashion_to_rgb(images[picked]).permute(0, 2, 3, 1).numpy()
     np.savez(os.path.join(args.out, "real_train.npz"), real, labels[picked])
-    subprocess.run(python("fid.py", "calc", "--images", os.path.join(args.out, "real_train.npz"), "--ref", reference,
-                          "--json", os.path.join(args.out, "floor_real.json")), check=True, cwd=ROOT)
+    subprocess.run(python("fid.py", "calc", "--images", os.path.join(args.out, "real_train.npz"),
+                          "--ref", reference, "--json", os.path.join(args.out, "floor_real.json")),
+                   check=True, cwd=ROOT)
     save_json(summary, os.path.join(args.out, "prepare.json"))
 
 
 def train(args):
     if not os.path.isfile(os.path.join(args.out, "latents", "info.json")):
         raise SystemExit(f"error: no latent cache in {args.out}/latents: run the prepare stage first")
-    commands = [(python("train_class.py", *train_options(args, name)), os.path.join(args.out, "logs", f"{name}.log"))
+    commands = [(python("train_class.py", *train_options(args, name)),
+                 os.path.join(args.out, "logs", f"{name}.log"))
                 for name in CONFIGS]
     deadline = time.time() + 60 * args.train_minutes if args.train_minutes else None
     return run_all(commands, args.parallel, deadline)
@@ -155,11 +159,12 @@ def evaluation_commands(args):
         commands.append((sample_command(args, final, os.path.join(run, "eval", "euler"), euler_nfe),
                          os.path.join(logs, f"{name}-euler.log")))
         if name in GRID_CONFIGS:
-            commands.append((sample_command(args, final, os.path.join(run, "eval", "midpoint"), MIDPOINT_NFE,
-                                            "--solver", "midpoint"), os.path.join(logs, f"{name}-midpoint.log")))
+            commands.append((sample_command(args, final, os.path.join(run, "eval", "midpoint"),
+                                            MIDPOINT_NFE, "--solver", "midpoint"),
+                             os.path.join(logs, f"{name}-midpoint.log")))
         if name == "class-ot":  # the autoencoder floor: any checkpoint of this latent space will do
-            commands.append((sample_command(args, final, os.path.join(run, "eval", "floor"), (1,), "--vae-floor",
-                                            os.path.join(args.out, "real_train.npz")),
+            commands.append((sample_command(args, final, os.path.join(run, "eval", "floor"), (1,),
+                                            "--vae-floor", os.path.join(args.out, "real_train.npz")),
                              os.path.join(logs, "floor-autoencoder.log")))
         if name in CURVE_CONFIGS:
             for checkpoint in checkpoints[:-1]:
@@ -172,8 +177,9 @@ def evaluation_commands(args):
             commands.append((grid, os.path.join(logs, f"{name}-grids.log")))
         if name == "class-cfg":
             for scale in CFG_SCALES:
-                commands.append((sample_command(args, final, os.path.join(run, "eval", f"cfg{scale}"), CFG_NFE,
-                                                "--cfg-scale", scale), os.path.join(logs, f"{name}-cfg{scale}.log")))
+                commands.append((sample_command(args, final, os.path.join(run, "eval", f"cfg{scale}"),
+                                                CFG_NFE, "--cfg-scale", scale),
+                                 os.path.join(logs, f"{name}-cfg{scale}.log")))
     return commands
 
 
@@ -233,9 +239,10 @@ def write_smoke_inputs(folder):
     rng = np.random.default_rng(0)
     for split, count in (("train", 120), ("test", 60)):
         images, labels = flow.FASHION_FILES[split]
-        header = lambda dims: bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)  # noqa: E731
+        header = lambda dims: bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
         with gzip.open(os.path.join(data, images), "wb") as file:
-            file.write(header((count, 28, 28)) + rng.integers(0, 256, (count, 28, 28), dtype=np.uint8).tobytes())
+            file.write(header((count, 28, 28))
+                       + rng.integers(0, 256, (count, 28, 28), dtype=np.uint8).tobytes())
         with gzip.open(os.path.join(data, labels), "wb") as file:
             file.write(header((count,)) + (np.arange(count) % 10).astype(np.uint8).tobytes())
     torch.manual_seed(0)
@@ -247,23 +254,35 @@ def write_smoke_inputs(folder):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("stages", nargs="*", help="what to run, in order: prepare, train, eval, report (default: all)")
-    parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
-    parser.add_argument("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"), help="TAEF2 folder")
+    parser.add_argument("stages", nargs="*",
+                        help="what to run, in order: prepare, train, eval, report (default: all)")
+    parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",
+                        help="Fashion-MNIST idx files")
+    parser.add_argument("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"),
+                        help="TAEF2 folder")
     parser.add_argument("--out", default="runs/fashion", help="experiment folder")
-    parser.add_argument("--docs", default=None, help="where the report writes tables and figures (default OUT/report)")
-    parser.add_argument("--device", default="cuda", help="device of the prepare stage (the scripts pick their own)")
+    parser.add_argument("--docs", default=None,
+                        help="where the report writes tables and figures (default OUT/report)")
+    parser.add_argument("--device", default="cuda",
+                        help="device of the prepare stage (the scripts pick their own)")
     parser.add_argument("--model", default="small", help="train_class.py --model")
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps of every configuration")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate")
-    parser.add_argument("--max-train-images", type=int, default=None, help="first N training images (all 60k)")
-    parser.add_argument("--num-images", type=int, default=5000, help="generated (and real floor) images per FD")
-    parser.add_argument("--probe-images", type=int, default=20000, help="real training images for the linear probe")
-    parser.add_argument("--reference-images", type=int, default=10000, help="Fashion-MNIST test images of the reference")
-    parser.add_argument("--parallel", type=int, default=len(CONFIGS), help="processes at once (they share the GPU)")
-    parser.add_argument("--train-minutes", type=float, default=None, help="stop training after this wall time")
-    parser.add_argument("--smoke", action="store_true", help="tiny budget on the CPU under a temporary folder")
+    parser.add_argument("--max-train-images", type=int, default=None,
+                        help="first N training images (all 60k)")
+    parser.add_argument("--num-images", type=int, default=5000,
+                        help="generated (and real floor) images per FD")
+    parser.add_argument("--probe-images", type=int, default=20000,
+                        help="real training images for the linear probe")
+    parser.add_argument("--reference-images", type=int, default=10000,
+                        help="Fashion-MNIST test images of the reference")
+    parser.add_argument("--parallel", type=int, default=len(CONFIGS),
+                        help="processes at once (they share the GPU)")
+    parser.add_argument("--train-minutes", type=float, default=None,
+                        help="stop training after this wall time")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny budget on the CPU under a temporary folder")
     args = parser.parse_args(argv)
     args.stages = args.stages or ["prepare", "train", "eval", "report"]
     if set(args.stages) - {"prepare", "train", "eval", "report"}:

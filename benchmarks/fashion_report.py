@@ -19,10 +19,10 @@ import tempfile
 import numpy as np
 
 MAIN = ("condot", "batchot", "class", "class-ot")
-NAMES = {"condot": "CondOT (N(0, I))", "batchot": "BatchOT", "class": "class prior", "class-ot": "class prior + OT",
-         "class-sigma0.25": "class prior, sigma 0.25", "class-sigma1": "class prior, sigma 1",
-         "condot-logitnormal": "CondOT, logit-normal t", "class-logitnormal": "class prior, logit-normal t",
-         "class-cfg": "class prior, CFG dropout 0.1"}
+NAMES = {"condot": "CondOT (N(0, I))", "batchot": "BatchOT", "class": "class prior",
+         "class-ot": "class prior + OT", "class-sigma0.25": "class prior, sigma 0.25",
+         "class-sigma1": "class prior, sigma 1", "condot-logitnormal": "CondOT, logit-normal t",
+         "class-logitnormal": "class prior, logit-normal t", "class-cfg": "class prior, CFG dropout 0.1"}
 
 
 def read_json(path):
@@ -41,15 +41,17 @@ def read_run(run):
         record = read_json(path)
         step = int(os.path.basename(os.path.dirname(path))[5:])
         results["steps"].setdefault(step, {})[record["nfe"]] = record["fd"]
-    final_step = max((int(os.path.basename(p)[5:-3]) for p in glob.glob(os.path.join(run, "checkpoints", "*.pt"))),
-                     default=0)
+    final_step = max((int(os.path.basename(p)[5:-3])
+                      for p in glob.glob(os.path.join(run, "checkpoints", "*.pt"))), default=0)
     for nfe, record in results["euler"].items():
         results["steps"].setdefault(final_step, {})[nfe] = record["fd"]
     for path in glob.glob(os.path.join(run, "eval", "cfg*", "euler_nfe*.json")):
         record = read_json(path)
         results["cfg"].setdefault(record["cfg_scale"], {})[record["nfe"]] = record
-    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] if os.path.exists(
-        os.path.join(run, "log.jsonl")) else []
+    log = []
+    if os.path.exists(os.path.join(run, "log.jsonl")):
+        with open(os.path.join(run, "log.jsonl")) as file:
+            log = [json.loads(line) for line in file]
     results["final_step"] = final_step
     if log:
         tail = log[len(log) // 2:]  # the second half: past warm-up and start-up
@@ -122,7 +124,8 @@ def plots(runs, floors, docs):
     for name in [n for n in MAIN if n in runs]:
         for solver, style in (("euler", "-o"), ("midpoint", "--s")):
             nfes = sorted(runs[name][solver])
-            axes[0].plot(nfes, [fd(runs[name], k, solver) for k in nfes], style, label=f"{NAMES[name]}, {solver}")
+            axes[0].plot(nfes, [fd(runs[name], k, solver) for k in nfes], style,
+                         label=f"{NAMES[name]}, {solver}")
         curve = runs[name]["steps"]
         axes[1].plot(sorted(curve), [curve[s].get(4, np.nan) for s in sorted(curve)], "-o", label=NAMES[name])
     for axis in axes:
@@ -155,14 +158,16 @@ def grids(out, docs):
             with np.load(npz) as data:
                 images, labels = data["arr_0"], data["arr_1"]
             rows = [np.concatenate(list(images[labels == c][:8]), axis=1) for c in np.unique(labels)]
-            panels += [np.concatenate(rows, axis=0), np.full((len(rows) * images.shape[1], 8, 3), 255, np.uint8)]
+            panels += [np.concatenate(rows, axis=0),
+                       np.full((len(rows) * images.shape[1], 8, 3), 255, np.uint8)]
         Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(
             os.path.join(docs, "fashion_grid_" + os.path.basename(path).split("_")[1][:-4] + ".png"))
 
 
 def main(args):
     os.makedirs(args.docs, exist_ok=True)
-    runs = {os.path.basename(run): read_run(run) for run in sorted(glob.glob(os.path.join(args.out, "runs", "*")))}
+    runs = {os.path.basename(run): read_run(run)
+            for run in sorted(glob.glob(os.path.join(args.out, "runs", "*")))}
     floor_real = read_json(os.path.join(args.out, "floor_real.json"))["fd"]
     floor_path = os.path.join(args.out, "runs", "class-ot", "eval", "floor", "vae_floor.json")
     floor_ae = read_json(floor_path)["fd"] if os.path.exists(floor_path) else float("nan")
@@ -184,7 +189,8 @@ def main(args):
         "### Sigma of the class prior (Euler)\n\n" + nfe_table(
             runs, ("class-sigma0.25", "class", "class-sigma1"), "euler", euler_nfes, floors),
         "### Time schedule (Euler)\n\n" + nfe_table(
-            runs, ("condot", "condot-logitnormal", "class", "class-logitnormal"), "euler", euler_nfes, floors),
+            runs, ("condot", "condot-logitnormal", "class", "class-logitnormal"), "euler",
+            euler_nfes, floors),
         "### FD-EffNet against training steps (Euler NFE 4 / NFE 16)\n\n" + table(
             ["configuration"] + [str(s) for s in sorted(runs.get("condot", {"steps": {}})["steps"])],
             [[NAMES[n]] + [f"{number(runs[n]['steps'][s].get(4))} / {number(runs[n]['steps'][s].get(16))}"
@@ -193,7 +199,8 @@ def main(args):
     if "class-cfg" in runs:
         cfg = runs["class-cfg"]
         scales = {1.0: {k: v for k, v in cfg["euler"].items()}, **cfg["cfg"]}
-        sections.append("### Classifier-free guidance with the class prior (Euler; FD-EffNet / class accuracy)\n\n"
+        sections.append("### Classifier-free guidance with the class prior "
+                        "(Euler; FD-EffNet / class accuracy)\n\n"
                         + table(["scale"] + [f"NFE {k}" for k in (1, 2, 4, 16)],
                                 [[str(s)] + [f"{number(scales[s][k]['fd'])} / "
                                              f"{number(100 * scales[s][k].get('class_accuracy', np.nan), 0)}%"
@@ -202,24 +209,31 @@ def main(args):
     sections.append("### Throughput\n\n" + table(
         ["configuration", "training images/s", "peak GPU memory (GiB)"],
         [[NAMES[n], number(runs[n].get("train_images_per_s"), 0), number(runs[n].get("peak_memory_gib"), 2)]
-         for n in runs]) + f"\n\nLatent cache: {prepare['latent_examples']} latents (images and their mirror images) "
+         for n in runs])
+        + f"\n\nLatent cache: {prepare['latent_examples']} latents (images and their mirror images) "
         f"in {prepare['cache_seconds']:.0f} s on {prepare['device']}, "
-        f"{prepare['latent_examples'] / prepare['cache_seconds']:.0f} images/s including reading and resizing.")
+        f"{prepare['latent_examples'] / prepare['cache_seconds']:.0f} images/s "
+        "including reading and resizing.")
     sections.append("### Targets\n\n```\n" + json.dumps(results["targets"], indent=1) + "\n```")
     with open(os.path.join(args.docs, "fashion_tables.md"), "w") as file:
         file.write("\n\n".join(sections) + "\n")
     plots(runs, floors, args.docs)
     grids(args.out, args.docs)
     if os.path.exists(os.path.join(args.out, "class_means.png")):
-        shutil.copy(os.path.join(args.out, "class_means.png"), os.path.join(args.docs, "fashion_class_means.png"))
+        shutil.copy(os.path.join(args.out, "class_means.png"),
+                    os.path.join(args.docs, "fashion_class_means.png"))
     print("\n\n".join(sections))
 
 
 def fake_run_folder(out):
     """A made-up run folder with the files the report reads (for --smoke)."""
     rng = np.random.default_rng(0)
-    write = lambda path, obj: (os.makedirs(os.path.dirname(path), exist_ok=True),  # noqa: E731
-                               open(path, "w").write(json.dumps(obj)))
+
+    def write(path, obj):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as file:
+            file.write(json.dumps(obj))
+
     write(os.path.join(out, "floor_real.json"), {"fd": 10.0})
     write(os.path.join(out, "prepare.json"), {"latent_examples": 100, "cache_seconds": 2.0, "device": "cpu"})
     for name in MAIN:
@@ -230,15 +244,18 @@ def fake_run_folder(out):
         for solver, nfes in (("euler", (1, 2, 4, 8, 16, 32)), ("midpoint", (2, 4, 8, 16, 32))):
             for nfe in nfes:
                 write(os.path.join(run, "eval", solver, f"{solver}_nfe{nfe:03d}.json"),
-                      {"nfe": nfe, "fd": float(rng.uniform(10, 100)), "class_accuracy": 0.5, "straightness": 1.0})
+                      {"nfe": nfe, "fd": float(rng.uniform(10, 100)), "class_accuracy": 0.5,
+                       "straightness": 1.0})
         write(os.path.join(run, "eval", "step_0000004", "euler_nfe004.json"), {"nfe": 4, "fd": 200.0})
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/fashion", help="the experiment folder of fashion_experiment.py")
+    parser.add_argument("--out", default="runs/fashion",
+                        help="the experiment folder of fashion_experiment.py")
     parser.add_argument("--docs", default="docs/img", help="where the tables, results and figures go")
-    parser.add_argument("--smoke", action="store_true", help="report on a made-up run folder, in a temporary folder")
+    parser.add_argument("--smoke", action="store_true",
+                        help="report on a made-up run folder, in a temporary folder")
     args = parser.parse_args(argv)
     if args.smoke:
         args.out = tempfile.mkdtemp(prefix="fashion_report_smoke_")
