@@ -683,8 +683,8 @@ def resume(args, config, prior, mapper_optimizer, model, ema, optimizer, rank, w
     for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
             raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} "
-                             f"{saved.get(key)!r}, not {getattr(args, key)!r}: use another --out or the same "
-                             "options")
+                             f"{saved.get(key)!r}, not {getattr(args, key)!r}: "
+                             "use another --out or the same options")
     if checkpoint.get("config") != config:
         raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): "
                          "use another --out")
@@ -827,8 +827,8 @@ def make_decoder(vae, config, device):
 def main(args):
     rank, world_size, device = flow.setup_distributed()
     if args.global_batch % world_size:
-        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {world_size} "
-                         "processes")
+        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
+                         f"{world_size} processes")
     checkpoints = [flow.latest_checkpoint(os.path.join(args.out, name)) for name in ("checkpoints", "mapper")]
     flow.refuse_overwrite(args.out, checkpoints, args.resume)
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
