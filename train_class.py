@@ -203,8 +203,8 @@ def load_latents(args, rank, world_size, device):
             raw = np.concatenate([read_cache(cache, "latents", world_size),
                                   read_cache(cache, "flipped", world_size)])
             mean, std = channel_statistics(raw)
-            info = dict(wanted, num_images=len(raw) // 2, num_classes=num_classes, world_size=world_size,
-                        latent_mean=mean, latent_std=std)
+            info = dict(wanted, num_images=len(raw) // 2, max_train_images=args.max_train_images,
+                        num_classes=num_classes, world_size=world_size, latent_mean=mean, latent_std=std)
             save_json(info, info_path)  # written last: its presence marks a complete cache
         barrier()
     with open(info_path) as file:
@@ -216,6 +216,9 @@ def load_latents(args, rank, world_size, device):
     if args.max_train_images and info["num_images"] < args.max_train_images:
         raise SystemExit(f"error: latent cache {cache} holds {info['num_images']} images, fewer than "
                          f"--max-train-images {args.max_train_images}: pass another --latent-cache")
+    if args.max_train_images is None and info.get("max_train_images"):
+        raise SystemExit(f"error: latent cache {cache} holds only the first {info['num_images']} training "
+                         f"images: pass --max-train-images {info['num_images']} or another --latent-cache")
     count = args.max_train_images or info["num_images"]
     latents, flipped = (read_cache(cache, name, info["world_size"])[:count]
                         for name in ("latents", "flipped"))
@@ -496,9 +499,11 @@ def resume(args, config, model, ema, optimizer, rank, world_size):
     optimizer.load_state_dict(checkpoint["opt"])
     if len(checkpoint["rng"]) == world_size:
         flow.set_rng_state(checkpoint["rng"][rank])
-    elif rank == 0:
-        print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: "
-              "same data order, new noise")
+    else:  # other processes: their saved noise streams do not map onto these ranks
+        torch.manual_seed(hash((args.seed, rank, checkpoint["step"])) % 2**63)
+        if rank == 0:
+            print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: "
+                  "same data order, new noise")
     return checkpoint["step"]
 
 
