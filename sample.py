@@ -194,7 +194,8 @@ def write_json(data, path):
 def default_out(checkpoint):
     """RUN/samples/step_N beside the checkpoint RUN/checkpoints/step_N.pt: every checkpoint gets
     its own folder, so sampling another checkpoint never replaces these results."""
-    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
     return os.path.join(run, "samples", os.path.splitext(os.path.basename(checkpoint))[0])
 
 

@@ -131,10 +131,19 @@ def image_batches(args, rank, world_size, batch_size=256):
         if not files:
             raise SystemExit(f"error: no train_data_batch_* files in {args.data_root}")
 
-        def batches():
-            for path in files[rank::world_size]:
+        def batches():  # --max-train-images counts images over all files, in data order
+            remaining = limit
+            for index, path in enumerate(files):
+                if remaining is not None and remaining <= 0:
+                    return
+                if remaining is None and index % world_size != rank:
+                    continue  # without a limit a rank reads only its own files
                 images, labels = read_imagenet_npz(path)
-                yield from zip(images[:limit].split(batch_size), labels[:limit].split(batch_size))
+                if remaining is not None:
+                    images, labels = images[:remaining], labels[:remaining]
+                    remaining -= len(labels)
+                if index % world_size == rank:
+                    yield from zip(images.split(batch_size), labels.split(batch_size))
         return batches(), 1000
     dataset = image_folder(args.data_root, args.image_size)
     dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), limit or len(dataset))))
@@ -203,8 +212,10 @@ def load_latents(args, rank, world_size, device):
             raw = np.concatenate([read_cache(cache, "latents", world_size),
                                   read_cache(cache, "flipped", world_size)])
             mean, std = channel_statistics(raw)
-            info = dict(wanted, num_images=len(raw) // 2, max_train_images=args.max_train_images,
-                        num_classes=num_classes, world_size=world_size, latent_mean=mean, latent_std=std)
+            limited = args.max_train_images is not None and len(raw) // 2 >= args.max_train_images
+            info = dict(wanted, num_images=len(raw) // 2, num_classes=num_classes, world_size=world_size,
+                        max_train_images=args.max_train_images if limited else None,
+                        latent_mean=mean, latent_std=std)
             save_json(info, info_path)  # written last: its presence marks a complete cache
         barrier()
     with open(info_path) as file:
@@ -233,7 +244,8 @@ def load_data(args, rank, world_size, device):
     """(x, y, num_classes, normalisation) for --data and --vae; x as described at the top of this
     section; normalisation holds the latent statistics (empty for pixels)."""
     if args.data == "builtin-digits":
-        return (*load_digits_train(), {})
+        x, y, num_classes = load_digits_train()
+        return x[:args.max_train_images], y[:args.max_train_images], num_classes, {}
     if args.vae == "none":
         return (*load_pixels(args), {})
     return load_latents(args, rank, world_size, device)
@@ -631,6 +643,9 @@ def load_for_sampling(path, device, use_ema=True, vae=None):
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "class":
         raise SystemExit(f"error: {path} is not a class-conditional checkpoint of train_class.py")
     args, config = argparse.Namespace(**checkpoint["args"]), checkpoint["config"]
+    if vae and args.vae == "none":
+        raise SystemExit(f"error: {path} was trained on pixels (--vae none): --vae {vae} has no latents "
+                         "to decode")
     device = torch.device(device)
     model = build_model(args, config)
     model.load_state_dict(checkpoint["ema" if use_ema else "model"])

@@ -2,7 +2,7 @@
 
 Reads what benchmarks/fashion_experiment.py left in --out (sample.py's JSON per NFE, train_class.py's
 log.jsonl, the floors) and writes into --docs: fashion_results.json (every number), fashion_tables.md
-(the tables of docs/fashion_mnist.md), fashion_fd_vs_nfe.png, fashion_fd_vs_steps.png,
+(the tables of docs/fashion_mnist.md), fashion_fd_vs_nfe.png (FD against NFE and against steps),
 fashion_grid_nfeN.png (one row per class) and fashion_class_means.png.
 
 Run:

@@ -270,14 +270,10 @@ def test_default_out_is_beside_the_run_and_results_are_never_replaced_silently(c
     assert os.path.isfile(os.path.join(out, "euler_nfe001.npz"))
 
 
-@pytest.mark.xfail(strict=True, reason="sample.default_out goes two folders up from any checkpoint file: "
-                   "--ckpt /data/model.pt writes to /samples/model, outside the checkpoint's folder")
 def test_default_out_of_a_checkpoint_outside_a_run_stays_beside_it():
     assert sample.default_out("/data/model.pt") == "/data/samples/model"
 
 
-@pytest.mark.xfail(strict=True, reason="train_class.load_for_sampling lets --vae replace 'none' on a pixel "
-                   "checkpoint: decoding then fails with KeyError 'latent_mean' instead of a one-line error")
 def test_vae_option_on_a_pixel_checkpoint_is_a_one_line_error(tmp_path, checkpoint):
     write_taef2(tmp_path / "taef2")
     assert "--vae" in error_of(["--ckpt", checkpoint, "--vae", str(tmp_path / "taef2"), "--nfe", "1",

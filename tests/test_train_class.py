@@ -210,8 +210,6 @@ def test_imagenet_npz_training_reads_every_batch_file(tmp_path):
     assert checkpoint["config"] == {"num_classes": 1000, "latent_shape": [3, 8, 8]}
 
 
-@pytest.mark.xfail(strict=True, reason="train_class.image_batches cuts each ImageNet npz file at "
-                   "--max-train-images instead of the whole set: 3 files of 2 images give 6 images, not 3")
 def test_max_train_images_counts_images_over_all_npz_files(tmp_path):
     for k in (1, 2, 3):
         write_imagenet_batch(tmp_path / f"train_data_batch_{k}.npz", labels=[k, k], seed=k)
@@ -221,8 +219,6 @@ def test_max_train_images_counts_images_over_all_npz_files(tmp_path):
     assert y.tolist() == [0, 0, 1]  # the first 3 images in data order
 
 
-@pytest.mark.xfail(strict=True, reason="train_class.load_data ignores --max-train-images for builtin-digits: "
-                   "it silently trains on all 1437 digits")
 def test_max_train_images_limits_the_digits():
     x, y, _, _ = train_class.load_data(train_class.parse_args(["--max-train-images", "100"]), 0, 1,
                                        torch.device("cpu"))
