@@ -6,7 +6,7 @@ this module and nothing else of ours, so copying one script plus this file into 
 Conventions (see Issachar et al., TMLR 2025, "Designing a Conditional Prior Distribution for
 Flow-Based Generative Models"):
     t = 0 is the prior sample x0, t = 1 is the data x1;
-    x_t = (1 - t) x0 + t x1 (+ sigma_min * eps),  target u = x1 - x0;
+    x_t = (1 - t) x0 + t x1,  target u = x1 - x0;
     NFE = number of velocity-network evaluations per sample.
 A velocity network is called as model(x_t, t, cond) with t of shape (B,); `cond` is whatever the
 network takes (class labels, text embeddings) and this module never looks inside it.
@@ -132,12 +132,10 @@ def sample_time(batch, schedule="uniform", device="cpu", generator=None):
     raise ValueError(f"unknown time schedule {schedule!r}: choose 'uniform' or 'logit-normal'")
 
 
-def interpolate(x0, x1, t, sigma_min=0.0):
-    """x_t = (1 - t) x0 + t x1 (+ sigma_min * eps); t has shape (B,)."""
+def interpolate(x0, x1, t):
+    """x_t = (1 - t) x0 + t x1; t has shape (B,)."""
     t = t.reshape(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - t) * x0 + t * x1
-    if sigma_min > 0:
-        x_t = x_t + sigma_min * torch.randn_like(x_t)
     return x_t
 
 
@@ -146,10 +144,10 @@ def target_velocity(x0, x1):
     return x1 - x0
 
 
-def flow_matching_loss(model, x0, x1, cond, schedule="uniform", sigma_min=0.0):
+def flow_matching_loss(model, x0, x1, cond, schedule="uniform"):
     """E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, averaged over every element."""
     t = sample_time(len(x1), schedule, device=x1.device)
-    v = model(interpolate(x0, x1, t, sigma_min), t, cond)
+    v = model(interpolate(x0, x1, t), t, cond)
     return (v.float() - target_velocity(x0, x1).float()).pow(2).mean()
 
 
@@ -215,7 +213,8 @@ def midpoint(velocity, x, steps, trajectory=False):
     return (x, torch.stack(states)) if trajectory else x
 
 
-SOLVERS = {"euler": (euler, 1), "midpoint": (midpoint, 2)}  # solver: (function, NFE per step)
+SOLVERS = {"euler": euler, "midpoint": midpoint}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2}
 
 
 @dataclass
@@ -229,7 +228,7 @@ def solve(velocity, x0, nfe, solver="euler", trajectory=False):
     """Integrate dx/dt = velocity(x, t) from t = 0 to 1 with a budget of `nfe` evaluations."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose from {sorted(SOLVERS)}")
-    step_function, per_step = SOLVERS[solver]
+    step_function, per_step = SOLVERS[solver], NFE_PER_STEP[solver]
     if nfe < per_step or nfe % per_step:
         raise ValueError(f"{solver} takes {per_step} evaluations per step, so NFE={nfe} is impossible")
     calls = 0
@@ -288,30 +287,6 @@ def straightness(trajectory):
     velocities = (flat[1:] - flat[:-1]) * steps
     chord = flat[-1] - flat[0]
     return ((velocities - chord).pow(2).sum(-1).mean(0)).mean().item()
-
-
-def gaussian_statistics(features):
-    """Mean and covariance of features (N, D), in float64."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the FID formula, in float64.
-
-    Tr (C1 C2)^(1/2) = sum of the square roots of the eigenvalues of the symmetric PSD matrix
-    C1^(1/2) C2 C1^(1/2), which has the same spectrum as C1 C2. Two symmetric eigendecompositions
-    are faster and steadier than a general matrix square root, and need no ridge when C1 C2 is
-    singular (tiny negative eigenvalues from round-off are clipped to 0).
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
-    if mu1.shape != mu2.shape or cov1.shape != cov2.shape:
-        raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
-    values, vectors = np.linalg.eigh(cov1)
-    root1 = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
-    trace_root = np.sqrt(np.linalg.eigvalsh(root1 @ cov2 @ root1).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
 
 
 # ----------------------------------------------------------------------------------------------

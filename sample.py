@@ -335,7 +335,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if min(args.nfe) < 1 or args.num_images < 1 or args.batch_size < 1:
         parser.error("--nfe, --num-images and --batch-size must be positive")
-    per_step = flow.SOLVERS[args.solver][1]
+    per_step = flow.NFE_PER_STEP[args.solver]
     if any(nfe % per_step for nfe in args.nfe):
         parser.error(f"{args.solver} takes {per_step} evaluations per step: "
                      f"every --nfe must be a multiple of {per_step}")

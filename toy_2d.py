@@ -180,7 +180,7 @@ def generate(model, prior, labels, nfe, solver, noise, trajectory=False):
 
 def nfe_budgets(solver, nfes):
     """The NFEs a solver can spend exactly (midpoint needs an even number)."""
-    per_step = flow.SOLVERS[solver][1]
+    per_step = flow.NFE_PER_STEP[solver]
     return [n for n in nfes if n % per_step == 0]
 
 

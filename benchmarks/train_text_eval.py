@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fid
 import flow
 import train_text
 
@@ -97,7 +98,7 @@ def pooled_pixels(images_uint8):
 
 
 def frechet(a, b):
-    return flow.frechet_distance(*flow.gaussian_statistics(a), *flow.gaussian_statistics(b))
+    return fid.frechet_distance(*fid.gaussian_statistics(a), *fid.gaussian_statistics(b))
 
 
 def score(images, captions, reference):

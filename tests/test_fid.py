@@ -513,3 +513,29 @@ def test_clip_needs_one_caption_per_image(tmp_path, tiny_clip):
     assert "3 images but 2 captions" in run_cli(["clip", "--images", str(tmp_path / "images.npz"),
                                                  "--captions", str(tmp_path / "captions.txt"),
                                                  "--clip-model", tiny_clip])
+
+
+def test_frechet_distance_closed_forms_in_any_basis():
+    assert fid.frechet_distance(0.0, 1.0, 1.0, 4.0) == pytest.approx(1 + 1 + 4 - 2 * 2)
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]  # same in any basis
+    rotated = fid.frechet_distance(rotation @ mu1, rotation @ np.diag(a) @ rotation.T,
+                                    rotation @ mu2, rotation @ np.diag(b) @ rotation.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_survives_singular_covariances():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score", reason="pytorch-fid is a test dependency")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 40)), rng.normal(size=(300, 40)) * 1.5 + 0.3
+    stats = (*fid.gaussian_statistics(a), *fid.gaussian_statistics(b))
+    reference = fid_score.calculate_frechet_distance(*stats)
+    assert fid.frechet_distance(*stats) == pytest.approx(reference, rel=1e-9)
+    low_rank = rng.normal(size=(20, 40))  # 20 samples in 40 dims: rank-deficient covariance
+    mu, cov = fid.gaussian_statistics(low_rank)
+    assert abs(fid.frechet_distance(mu, cov, mu, cov)) < 1e-7 * np.trace(cov)  # 0 up to round-off
+    with pytest.raises(ValueError, match="different sizes"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
