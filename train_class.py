@@ -284,6 +284,7 @@ class BatchOrder:
 
 MODELS = {  # name: width, depth, heads (with --patch-size 2: DiT-S/2, B/2, L/2)
     "tiny": {"width": 64, "depth": 4, "heads": 4},  # built-in 8x8 digits on a CPU
+    "mini": {"width": 128, "depth": 4, "heads": 4},  # Fashion-MNIST latents on a CPU
     "small": {"width": 256, "depth": 6, "heads": 4},  # Fashion-MNIST latents, minutes on one GPU
     "S": {"width": 384, "depth": 12, "heads": 6},
     "B": {"width": 768, "depth": 12, "heads": 12},

@@ -281,6 +281,8 @@ def parse_args(argv=None):
                         help="processes at once (they share the GPU)")
     parser.add_argument("--train-minutes", type=float, default=None,
                         help="stop training after this wall time")
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                        help="train and evaluate only these configurations (default: all)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny budget on the CPU under a temporary folder")
     args = parser.parse_args(argv)
@@ -297,6 +299,8 @@ def parse_args(argv=None):
         global EULER_NFE, MIDPOINT_NFE, CFG_NFE
         EULER_NFE, MIDPOINT_NFE, CFG_NFE = (1, 2), (2,), (1,)
         args.data_root, args.vae = write_smoke_inputs(args.out)
+    for name in set(CONFIGS) - set(args.configs or CONFIGS):
+        CONFIGS.pop(name)
     args.docs = args.docs or os.path.join(args.out, "report")
     if not os.path.isdir(args.data_root):  # checked after --smoke has written its own
         parser.error(f"--data-root {args.data_root} does not exist (apt-get install dataset-fashion-mnist)")
