@@ -44,8 +44,8 @@ CONFIGS = {
     "class-logitnormal": ["--prior", "class", "--time-schedule", "logit-normal"],
     "class-cfg": ["--prior", "class", "--cfg-dropout", "0.1"],
 }
-GRID_CONFIGS = ("condot", "batchot", "class", "class-ot")  # sample grids and training curves
-CURVE_CONFIGS = ("condot", "class", "class-ot")  # FD at NFE 4 at every checkpoint
+# The prior x coupling grid: sample grids, midpoint, all Euler NFEs, and FD at NFE 4 at every checkpoint.
+GRID_CONFIGS = ("condot", "batchot", "class", "class-ot")
 EULER_NFE, MIDPOINT_NFE, CURVE_NFE, GRID_NFE = (1, 2, 4, 8, 16, 32), (2, 4, 8, 16), (4,), (1, 2, 4, 16)
 EXTRA_NFE = (1, 2, 4, 16)  # the sigma, schedule and CFG variants
 CFG_SCALES, CFG_NFE = (1.5, 2.5), EXTRA_NFE
@@ -166,7 +166,7 @@ def evaluation_commands(args):
             commands.append((sample_command(args, final, os.path.join(run, "eval", "floor"), (1,),
                                             "--vae-floor", os.path.join(args.out, "real_train.npz")),
                              os.path.join(logs, "floor-autoencoder.log")))
-        if name in CURVE_CONFIGS:
+        if name in GRID_CONFIGS:
             for checkpoint in checkpoints[:-1]:
                 step = os.path.basename(checkpoint)[:-3]
                 commands.append((sample_command(args, checkpoint, os.path.join(run, "eval", step), CURVE_NFE),
