@@ -19,6 +19,7 @@ import glob
 import importlib
 import json
 import os
+import pickle
 import random
 from dataclasses import dataclass
 
@@ -321,8 +322,12 @@ def save_atomic(obj, path):
 
 
 def rng_state():
-    """Every random generator's state, to be saved in checkpoints for exact resume."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state, to be saved in checkpoints for exact resume. Plain data and
+    tensors only (NumPy's key array becomes a tensor), so checkpoints load with weights_only=True."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -330,7 +335,9 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -363,12 +370,16 @@ def resolve_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """torch.load to CPU, or one line naming the missing or unreadable file. Checkpoints are our
-    own trusted files and hold NumPy RNG states, hence weights_only=False; mmap reads a tensor from
-    disk only when it is used, so peeking at a large checkpoint's metadata is cheap."""
+    """torch.load to CPU with weights_only=True: our checkpoints hold only tensors and plain data, and
+    a file that needs pickled Python objects (which could run code while loading) is refused. One line
+    names a missing, unreadable or refused file. mmap reads a tensor from disk only when it is used,
+    so peeking at a large checkpoint's metadata is cheap."""
     path = resolve_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"error: {path} needs pickled Python objects to load, which could run code: refused "
+                         "(checkpoints of this project hold only tensors and plain data)") from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a truncated or foreign file
         raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
 

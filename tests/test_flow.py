@@ -294,13 +294,32 @@ def test_save_atomic_leaves_no_temporary_file(tmp_path):
     assert torch.load(path)["step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def test_rng_state_round_trip_repeats_every_generator():
+def test_rng_state_round_trip_repeats_every_generator(tmp_path):
     import random
 
-    state = flow.rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(1).item())
-    flow.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+    np.random.randn()  # a cached Gaussian in NumPy's state, which must survive too
+    flow.save_atomic({"rng": [flow.rng_state()]}, tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    flow.set_rng_state(flow.load_checkpoint(tmp_path / "rng.pt")["rng"][0])  # through weights_only=True
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == first
+
+
+class RunsCode:
+    """A pickle that runs code when loaded, as a downloaded checkpoint could."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # loading it would create the marker file
+
+
+def test_a_checkpoint_that_needs_pickled_objects_is_refused_without_running_them(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"kind": "class", "payload": RunsCode(str(marker))}, tmp_path / "downloaded.pt")
+    with pytest.raises(SystemExit, match="needs pickled Python objects to load, which could run code"):
+        flow.load_checkpoint(tmp_path / "downloaded.pt")
+    assert not marker.exists()
 
 
 def test_require_names_the_missing_package():
