@@ -403,12 +403,22 @@ def warmup_lr(lr, step, warmup_steps):
 
 def trim_log(path, keep):
     """Keep only the JSON lines of log file `path` whose record satisfies keep(record): on resume,
-    the lines written after the checkpoint are dropped (the resumed run writes them again)."""
+    the lines written after the checkpoint are dropped (the resumed run writes them again), and so
+    is a line cut short by a crash or a full disk, which would otherwise make the run unresumable."""
     if os.path.isfile(path):
         with open(path) as file:
-            lines = [line for line in file if line.strip() and keep(json.loads(line))]
+            lines = [line for line in file if line.strip()]
         with open(path, "w") as file:
-            file.writelines(lines)
+            file.writelines(line if line.endswith("\n") else line + "\n" for line in lines
+                            if is_json(line) and keep(json.loads(line)))
+
+
+def is_json(line):
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def require(module, pip_name=None):

@@ -379,3 +379,12 @@ def test_trim_log_keeps_only_the_selected_records(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     flow.trim_log(tmp_path / "absent.jsonl", lambda record: True)  # no log yet: nothing to do
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_trim_log_keeps_records_up_to_the_step_and_drops_a_partial_last_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # disk full mid-line
+    flow.trim_log(log, lambda record: record["step"] <= 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    flow.trim_log(log, lambda record: record["step"] <= 0)  # a fresh run starts an empty log
+    assert log.read_text() == ""
