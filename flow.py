@@ -344,11 +344,14 @@ def set_rng_state(state):
 
 
 def refuse_overwrite(out, checkpoint_files, resume):
-    """Stop with one line if `out` already holds checkpoints and --resume was not given:
-    a new run would silently overwrite them."""
+    """Stop with one line if `out` already holds checkpoints and --resume was not given (a new run
+    would silently overwrite them), or if --resume finds nothing to continue (a typo in --out would
+    otherwise start a new run in the wrong place)."""
     if any(checkpoint_files) and not resume:
         raise SystemExit(f"error: {out} already holds checkpoints: add --resume to continue them, "
                          "or use another --out")
+    if resume and not any(checkpoint_files):
+        raise SystemExit(f"error: --resume: {out} holds no checkpoint to continue")
 
 
 def latest_checkpoint(folder):

@@ -563,8 +563,12 @@ def main(args):
     if args.global_batch % world_size:
         raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
                          f"{world_size} processes")
-    flow.refuse_overwrite(args.out, [flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))],
-                          args.resume)
+    latest = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
+    flow.refuse_overwrite(args.out, [latest], args.resume)
+    done = flow.load_checkpoint(latest)["step"] if args.resume else 0
+    if done >= args.steps:  # checked before any data is read
+        raise SystemExit(f"error: --resume: {latest} is already at step {done}: --steps {args.steps} "
+                         "leaves nothing to train")
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 

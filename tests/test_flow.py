@@ -332,6 +332,8 @@ def test_refuse_overwrite_stops_only_for_checkpoints_without_resume(tmp_path):
     flow.refuse_overwrite(tmp_path, ["step_0000002.pt"], resume=True)
     with pytest.raises(SystemExit, match="already holds checkpoints: add --resume"):
         flow.refuse_overwrite(tmp_path, [None, "step_0000002.pt"], resume=False)
+    with pytest.raises(SystemExit, match="holds no checkpoint to continue"):
+        flow.refuse_overwrite(tmp_path, [None, None], resume=True)
 
 
 def test_load_checkpoint_round_trips_and_names_bad_files(tmp_path):

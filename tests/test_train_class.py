@@ -635,3 +635,16 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path):
         train(tmp_path, "--steps", 2, "--seed", 1)
     assert os.listdir(tmp_path / "checkpoints") == ["step_0000002.pt"]
     assert digest(tmp_path / "checkpoints" / "step_0000002.pt") == before
+
+
+def test_resume_with_nothing_to_continue_or_nothing_left_is_an_error_that_writes_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="--resume: .* holds no checkpoint to continue"):
+        train(tmp_path / "typo", "--steps", 2, "--resume")
+    assert not (tmp_path / "typo").exists()
+    train(tmp_path / "run", "--steps", 2)
+    before = {name: digest(tmp_path / "run" / name) for name in ("args.json", "log.jsonl")}
+    for steps in (2, 1):
+        with pytest.raises(SystemExit, match="already at step 2: --steps .* leaves nothing to train"):
+            train(tmp_path / "run", "--steps", steps, "--resume")
+    assert {name: digest(tmp_path / "run" / name) for name in before} == before
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["step_0000002.pt"]
