@@ -339,6 +339,12 @@ def parse_args(argv=None):
     if any(nfe % per_step for nfe in args.nfe):
         parser.error(f"{args.solver} takes {per_step} evaluations per step: "
                      f"every --nfe must be a multiple of {per_step}")
+    if args.kid_subset_size < 2 or not math.isfinite(args.cfg_scale) or args.grid < 0:
+        parser.error("--kid-subset-size must be at least 2, --cfg-scale finite, --grid >= 0")
+    if args.fid_ref and args.num_images < 2:  # a covariance needs two images; the floors need far more
+        parser.error("--fid-ref needs --num-images of at least 2 (thousands for a meaningful FD)")
+    if os.path.isfile(args.out or ""):
+        parser.error(f"--out {args.out} is an existing file, not a folder")
     return args
 
 

@@ -339,3 +339,25 @@ def test_vae_option_replaces_an_autoencoder_that_moved(tmp_path, taef2_run):
     with np.load(tmp_path / "with" / "euler_nfe001.npz") as data:
         difference = np.abs(data["arr_0"].astype(int) - taef2_images_by_hand(run, autoencoder, 2, 1.0))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--kid-subset-size", "0"], "--kid-subset-size must be at least 2"),
+    (["--cfg-scale", "nan"], "--cfg-scale finite"),
+    (["--nfe", "0"], "must be positive"),
+    (["--solver", "midpoint", "--nfe", "3"], "multiple of 2"),
+    (["--fid-ref", "ref.npz", "--num-images", "1"], "at least 2"),
+])
+def test_bad_options_are_one_line_errors(options, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sample.parse_args(["--ckpt", "run", *options])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and error.startswith("sample.py: error:")
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", "run", "--out", str(tmp_path / "file")])
+    assert "is an existing file, not a folder" in capsys.readouterr().err
