@@ -40,6 +40,8 @@ CONFIGS = {
     "class-ot": ["--prior", "class", "--coupling", "ot"],
     "class-sigma0.25": ["--prior", "class", "--prior-sigma", "0.25"],
     "class-sigma1": ["--prior", "class", "--prior-sigma", "1.0"],
+    # sigma_c = 1.0 x the class's own std per dimension
+    "class-spread": ["--prior", "class", "--prior-spread", "class", "--prior-sigma", "1.0"],
     "condot-logitnormal": ["--prior", "gaussian", "--time-schedule", "logit-normal"],
     "class-logitnormal": ["--prior", "class", "--time-schedule", "logit-normal"],
     "class-cfg": ["--prior", "class", "--cfg-dropout", "0.1"],

@@ -21,7 +21,8 @@ import numpy as np
 MAIN = ("condot", "batchot", "class", "class-ot")
 NAMES = {"condot": "CondOT (N(0, I))", "batchot": "BatchOT", "class": "class prior",
          "class-ot": "class prior + OT", "class-sigma0.25": "class prior, sigma 0.25",
-         "class-sigma1": "class prior, sigma 1", "condot-logitnormal": "CondOT, logit-normal t",
+         "class-sigma1": "class prior, sigma 1",
+         "class-spread": "class prior, sigma = class std", "condot-logitnormal": "CondOT, logit-normal t",
          "class-logitnormal": "class prior, logit-normal t", "class-cfg": "class prior, CFG dropout 0.1"}
 
 
@@ -191,7 +192,7 @@ def main(args):
               number(runs[n]["euler"].get(32, {}).get("straightness"), 2), str(runs[n]["final_step"])]
              for n in runs]),
         "### Sigma of the class prior (Euler)\n\n" + nfe_table(
-            runs, ("class-sigma0.25", "class", "class-sigma1"), "euler", euler_nfes, floors),
+            runs, ("class-sigma0.25", "class", "class-sigma1", "class-spread"), "euler", euler_nfes, floors),
         "### Time schedule (Euler)\n\n" + nfe_table(
             runs, ("condot", "condot-logitnormal", "class", "class-logitnormal"), "euler",
             euler_nfes, floors),
