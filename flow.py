@@ -506,7 +506,7 @@ def fashion_to_rgb(images, size=64):
 #   TAEF2 (madebyollin/taesd, MIT), a tiny deterministic autoencoder for the FLUX.2 latent space:
 #       3x64x64 -> 32x8x8, recognised as a folder holding taef2_encoder.pth and taef2_decoder.pth.
 # Both take and return images in [-1, 1]. Their latents are not unit-variance per channel: the
-# trainers standardise them with per-channel statistics of the latent cache (LatentNormalizer).
+# trainers standardise them with per-channel statistics of the latent cache.
 
 VAE_SCALE = 0.18215  # SD's latent scale factor
 VAE_NAMES = {"sd-ema": "stabilityai/sd-vae-ft-ema", "sd-mse": "stabilityai/sd-vae-ft-mse"}
