@@ -11,13 +11,14 @@ sample x0 (t = 0) to the data (t = 1) with fixed-step Euler or midpoint (flow.so
                                      of the sampled trajectories (and FID/KID with --fid-ref)
     OUT/{solver}_nfe{NFE:03d}_captions.txt   text checkpoints: the caption of every image, in order
     OUT/args.json
+(OUT defaults to RUN/samples/step_N beside the checkpoint; existing results need --overwrite.)
 
 Image i uses seed --first-seed + i for its noise, and its label (class i mod the classes) or
 caption (line i mod the prompt lines) also follows from i alone, so the same seeds give the same
 images whatever the batch size or the number of processes (as in EDM).
 
 Run:
-    python sample.py --ckpt runs/train_class --nfe 1 2 4 8 16 --num-images 1000 --out runs/samples
+    python sample.py --ckpt runs/train_class --nfe 1 2 4 8 16 --num-images 1000   # -> RUN/samples/step_N/
     python sample.py --ckpt runs/train_class --nfe 2 4 8 --solver midpoint --cfg-scale 1.5 --classes 3 7
     python sample.py --ckpt runs/train_text --prompts prompts.txt --nfe 4 16 --num-images 64
     python sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz --kid  # FID/KID, no images written
