@@ -379,12 +379,24 @@ def load_checkpoint(path):
     so peeking at a large checkpoint's metadata is cheap."""
     path = resolve_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
         raise SystemExit(f"error: {path} needs pickled Python objects to load, which could run code: refused "
                          "(checkpoints of this project hold only tensors and plain data)") from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a truncated or foreign file
         raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
+    bad = first_non_finite(checkpoint)
+    if bad:  # NaN weights would sample black images and NaN metrics without a word
+        raise SystemExit(f"error: {path} holds NaN or inf values in {bad}: refused")
+    return checkpoint
+
+
+def first_non_finite(value, name="checkpoint"):
+    """The name of the first floating tensor in nested dicts and lists with a NaN or inf, or None."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not torch.isfinite(value).all() else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((bad for key, item in items if (bad := first_non_finite(item, f"{name}[{key!r}]"))), None)
 
 
 def gather_rng_states():

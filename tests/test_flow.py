@@ -390,3 +390,14 @@ def test_trim_log_keeps_records_up_to_the_step_and_drops_a_partial_last_line(tmp
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
     flow.trim_log(log, lambda record: record["step"] <= 0)  # a fresh run starts an empty log
     assert log.read_text() == ""
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    weights = {"layer.weight": torch.ones(3), "layer.bias": torch.tensor([0.0, float("nan")])}
+    flow.save_atomic({"step": 1, "ema": weights, "rng": [{"torch": torch.zeros(4, dtype=torch.uint8)}]},
+                     tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match=r"holds NaN or inf values in checkpoint\['ema'\]\['layer.bias'\]"):
+        flow.load_checkpoint(tmp_path / "nan.pt")
+    weights["layer.bias"] = torch.zeros(2)
+    flow.save_atomic({"step": 1, "ema": weights}, tmp_path / "finite.pt")
+    assert flow.load_checkpoint(tmp_path / "finite.pt")["step"] == 1
