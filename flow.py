@@ -422,18 +422,18 @@ def trim_log(path, keep):
     is a line cut short by a crash or a full disk, which would otherwise make the run unresumable."""
     if os.path.isfile(path):
         with open(path) as file:
-            lines = [line for line in file if line.strip()]
+            records = [parse_json(line) for line in file if line.strip()]
         with open(path, "w") as file:
-            file.writelines(line if line.endswith("\n") else line + "\n" for line in lines
-                            if is_json(line) and keep(json.loads(line)))
+            file.writelines(json.dumps(record) + "\n" for record in records
+                            if record is not None and keep(record))
 
 
-def is_json(line):
+def parse_json(line):
+    """The record of one JSON line, or None for a line that is not (one cut short)."""
     try:
-        json.loads(line)
-        return True
+        return json.loads(line)
     except json.JSONDecodeError:
-        return False
+        return None
 
 
 def require(module, pip_name=None):

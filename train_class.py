@@ -492,12 +492,8 @@ def save_checkpoint(args, config, step, model, ema, optimizer, prior, rank):
         flow.save_atomic(checkpoint, os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt"))
 
 
-def resume(args, config, model, ema, optimizer, rank, world_size):
-    """Load the latest checkpoint in --out; return its step (0 if there is none)."""
-    latest = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
-    if latest is None:
-        return 0
-    checkpoint = flow.load_checkpoint(latest)
+def resume(latest, checkpoint, args, config, model, ema, optimizer, rank, world_size):
+    """Continue from `checkpoint` (read from file `latest`) if it matches this run; return its step."""
     saved = checkpoint.get("args", {})
     for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
@@ -565,10 +561,10 @@ def main(args):
                          f"{world_size} processes")
     latest = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
     flow.refuse_overwrite(args.out, [latest], args.resume)
-    done = flow.load_checkpoint(latest)["step"] if args.resume else 0
-    if done >= args.steps:  # checked before any data is read
-        raise SystemExit(f"error: --resume: {latest} is already at step {done}: --steps {args.steps} "
-                         "leaves nothing to train")
+    checkpoint = flow.load_checkpoint(latest) if args.resume else None
+    if checkpoint and checkpoint["step"] >= args.steps:  # checked before any data is read
+        raise SystemExit(f"error: --resume: {latest} is already at step {checkpoint['step']}: "
+                         f"--steps {args.steps} leaves nothing to train")
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -585,7 +581,9 @@ def main(args):
     model = build_model(args, config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = resume(args, config, model, ema, optimizer, rank, world_size) if args.resume else 0
+    step = 0
+    if checkpoint:
+        step = resume(latest, checkpoint, args, config, model, ema, optimizer, rank, world_size)
     if step == 0:
         torch.manual_seed(args.seed + rank)  # noise (prior samples, t, label dropout) differs by rank
     forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
