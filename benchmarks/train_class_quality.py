@@ -42,11 +42,6 @@ def run_script(script, *argv, threads=1):
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
-def frechet(result):
-    """sample.py and fid.py name the Frechet distance "fd" (older versions: "fid")."""
-    return result["fd"] if "fd" in result else result["fid"]
-
-
 def reference_statistics(work, threads):
     """`fid.py ref` of the held-out digits, and the FD of the training split to it (the floor)."""
     reference, train_images = os.path.join(work, "digits_ref.npz"), os.path.join(work, "digits_train.npz")
@@ -55,7 +50,7 @@ def reference_statistics(work, threads):
     run_script("fid.py", "calc", "--images", train_images, "--ref", reference,
                "--json", os.path.join(work, "floor.json"), threads=threads)
     with open(os.path.join(work, "floor.json")) as file:
-        return reference, frechet(json.load(file))
+        return reference, json.load(file)["fd"]
 
 
 def sample(checkpoint, nfes, cfg_scale, out, args, fid_ref=None, num_images=None):
@@ -74,7 +69,7 @@ def measure(checkpoint, nfes, cfg_scale, reference, out, args):
     for nfe in nfes:
         with open(f"{prefix}{nfe:03d}.json") as file:
             result = json.load(file)
-        measures[nfe] = {"fd": frechet(result), "accuracy": result["class_accuracy"],
+        measures[nfe] = {"fd": result["fd"], "accuracy": result["class_accuracy"],
                          "straightness": result["straightness"]}
     return measures
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import write_idx, write_taef2
 
 import flow
 
@@ -15,25 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAEF2_PLACES = ("/work/shared/weights/taef2", os.path.join(ROOT, "..", "shared", "weights", "taef2"))
 REAL_TAEF2 = [path for path in TAEF2_PLACES if flow.is_taef2_folder(path)]
 REAL_FASHION = "/usr/share/datasets/fashion-mnist"
-
-
-def write_taef2(folder, seed=0):
-    """Random TAEF2 weights in the release's layout (two state dicts, float16); returns the modules."""
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    modules = flow.taef2_encoder(), flow.taef2_decoder()
-    for module, name in zip(modules, flow.TAEF2_FILES):
-        half = {key: value.half() for key, value in module.state_dict().items()}
-        torch.save(half, os.path.join(folder, name))
-    return modules
-
-
-def write_idx(path, array):
-    """An idx file as in the Fashion-MNIST release: magic (0, 0, 8 = uint8, ndim), big-endian sizes, data."""
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.tobytes())
 
 
 def bilinear_reference(image, size):

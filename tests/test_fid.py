@@ -5,7 +5,6 @@ weights (one state dict, shaped like pt_inception-2015-12-05-6726825d.pth) into 
 network through fid.py's --inception-weights path, into pytorch-fid's own loading, and into
 torch-fidelity's. The EfficientNet-Lite0 weights ship in a pip package, so its tests use the real ones.
 """
-import gzip
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fakes import write_idx
 from PIL import Image, ImageDraw
 
 import fid
@@ -278,13 +278,6 @@ def test_effnet_is_never_called_fid(tmp_path, effnet, capsys):
 
 # ----------------------------------------------------------------------------------------------
 # Image sources and the class-accuracy probe.
-
-
-def write_idx(path, array):
-    """An idx file as the Fashion-MNIST release has it: magic (0, 0, uint8 = 8, ndim), big-endian sizes."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_fashion_mnist_folder_is_a_source(tmp_path):

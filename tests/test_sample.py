@@ -1,6 +1,5 @@
 """sample.py on real tiny checkpoints of train_class.py (built-in digits, a few steps; Fashion-MNIST-shaped
 idx files through random TAEF2 weights, written here) and of train_text.py."""
-import gzip
 import hashlib
 import json
 import os
@@ -11,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from fakes import write_idx, write_taef2
 
 import fid
 import flow
@@ -19,28 +19,6 @@ import sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--global-batch", "16", "--warmup-steps", "1", "--lr", "3e-3", "--sample-every", "1000",
          "--sample-nfe", "1", "--quiet"]
-
-
-def write_idx(path, array):
-    """An idx file as in the Fashion-MNIST release: magic (0, 0, 8 = uint8, ndim), big-endian sizes, data."""
-    array = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.tobytes())
-
-
-def write_taef2(folder, seed=0):
-    """Random TAEF2 weights in the release's layout: two state dicts saved as float16."""
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    for module, name in zip((flow.taef2_encoder(), flow.taef2_decoder()), flow.TAEF2_FILES):
-        half = {key: value.half() for key, value in module.state_dict().items()}
-        torch.save(half, os.path.join(folder, name))
-
-
-def fd_of(result):
-    """The Frechet distance of a result: "fd" (fid.py with several feature spaces) or "fid" (before)."""
-    return result["fd"] if "fd" in result else result["fid"]
 
 
 def folder_state(folder):
@@ -171,7 +149,7 @@ def test_fid_ref_equals_fid_calc_on_written_images(tmp_path, checkpoint, digits_
                              "--ref", digits_ref,
                              "--kid", "--kid-subset-size", "30", "--json", str(tmp_path / "calc.json")]))
     calc = json.loads((tmp_path / "calc.json").read_text())
-    assert fd_of(measured) == pytest.approx(fd_of(calc), rel=1e-9) and fd_of(measured) > 0
+    assert measured["fd"] == pytest.approx(calc["fd"], rel=1e-9) and measured["fd"] > 0
     assert measured["kid_mean"] == pytest.approx(calc["kid_mean"], rel=1e-9)
     images = np.load(tmp_path / "images" / "euler_nfe004.npz")
     expected_accuracy = (fid.digits_predict(images["arr_0"]) == images["arr_1"]).mean()
@@ -207,10 +185,10 @@ def test_vae_floor_is_the_fd_of_reconstructions(tmp_path, digits_ref):
         x = torch.as_tensor(real[batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
         reconstructed.append(sample.to_uint8(autoencoder.decode(autoencoder.encode(x))))
     expected = fid.compare_to_reference(fid.digits_features(np.concatenate(reconstructed)), reference)
-    assert fd_of(floor) == pytest.approx(fd_of(expected), rel=1e-9) and floor["num_images"] == 50
+    assert floor["fd"] == pytest.approx(expected["fd"], rel=1e-9) and floor["num_images"] == 50
     assert floor["vae"] == vae_dir
     exact = fid.compare_to_reference(fid.digits_features(real[:50]), reference)
-    assert fd_of(floor) != pytest.approx(fd_of(exact), rel=1e-3)  # the reconstructions differ from the images
+    assert floor["fd"] != pytest.approx(exact["fd"], rel=1e-3)  # the reconstructions differ from the images
 
 
 def test_bad_inputs(tmp_path, checkpoint, digits_ref):

@@ -1,0 +1,38 @@
+"""Small fake inputs the tests write themselves: Fashion-MNIST idx files and random TAEF2 weights
+(the tests never read ../shared or the Debian data set, which users and CI may not have)."""
+import gzip
+import os
+
+import numpy as np
+import torch
+
+import flow
+
+
+def write_idx(path, array):
+    """An idx file as in the Fashion-MNIST release: magic (0, 0, 8 = uint8, ndim), big-endian sizes, data."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.tobytes())
+
+
+def write_fashion(root, train=30, test=10, seed=0):
+    """A tiny Fashion-MNIST release (all four idx files); label i % 10, so every class has images."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        image_file, label_file = flow.FASHION_FILES[split]
+        write_idx(os.path.join(root, image_file), rng.integers(0, 256, (count, 28, 28)))
+        write_idx(os.path.join(root, label_file), np.arange(count) % 10)
+
+
+def write_taef2(folder, seed=0):
+    """Random TAEF2 weights in the release's layout (two state dicts, float16); returns the modules."""
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(seed)
+    modules = flow.taef2_encoder(), flow.taef2_decoder()
+    for module, name in zip(modules, flow.TAEF2_FILES):
+        half = {key: value.half() for key, value in module.state_dict().items()}
+        torch.save(half, os.path.join(folder, name))
+    return modules
