@@ -32,12 +32,17 @@ images above P's decoded means), samples/step_XXXXXXX_nfe_N.png (EMA samples tit
 sample.py loads the checkpoints through load_for_sampling() below.
 """
 import argparse
+import collections
 import copy
+import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import textwrap
 import time
+import zlib
 from contextlib import nullcontext
 
 import numpy as np
@@ -51,6 +56,7 @@ from tqdm import tqdm
 import flow
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
+SENTENCE_DEFAULT = "sentence-transformers/all-MiniLM-L6-v2"
 # Arguments that define the model, the method and the data: a checkpoint made with other values
 # cannot be resumed. Everything else (steps, logging, batch cap, compile) may change on resume.
 CONFIG_KEYS = ("data", "coco_split", "max_train_images", "image_size", "vae", "text_encoder", "text_length",
@@ -112,6 +118,118 @@ def make_shapes(combinations, per_caption, image_size, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data: captioned Fashion-MNIST, "a {size} {tone} {item}" in words from several templates. Each
+# item is drawn on a black canvas with two attributes chosen when the image is made: its size
+# (the 28x28 item scaled to about 26 or 50 of 64 pixels) and its tone (dark: 40% intensity,
+# light: 90-100%), at a random position. Held out of training, to test generalisation in words:
+# the last word of every class, the last template, and 8 of the 40 (class, size, tone)
+# combinations. The data set is fixed (seeded by FASHION_SEED, not --seed), so caches are shared.
+
+FASHION_SEED = 0
+ITEM_WORDS = (("t-shirt", "top", "tee"), ("pair of trousers", "pair of pants", "pair of jeans"),
+              ("pullover", "sweater", "jumper"), ("dress", "sundress", "gown"),
+              ("coat", "jacket", "overcoat"), ("sandal", "open-toed shoe", "flip-flop"),
+              ("shirt", "button-up shirt", "blouse"), ("sneaker", "trainer", "running shoe"),
+              ("bag", "handbag", "purse"), ("ankle boot", "boot", "bootie"))  # Fashion-MNIST's order
+SIZE_WORDS = {"small": ("small", "tiny"), "large": ("large", "big")}
+TONE_WORDS = {"dark": ("dark", "dim"), "light": ("light", "bright")}
+TEMPLATES = ("a {size} {tone} {item}", "a photo of a {tone} {item}, {size}",
+             "a {item} that is {size} and {tone}", "an image of a {size}, {tone} {item}",
+             "one {item}, {tone} and {size}")
+ITEM_SIDE = {"small": (24, 28), "large": (46, 52)}  # range of the 28x28 frame's side, in 64-px units
+TONE_GAIN = {"dark": (0.35, 0.45), "light": (0.9, 1.0)}  # range of the intensity factor
+
+
+Caption = collections.namedtuple("Caption", "text label size tone held_out")  # held_out: "" or its kind
+
+
+def is_held_out_combination(label, size, tone):
+    """8 of the 40 (class, size, tone): every class keeps both sizes and both tones in training."""
+    return (3 * label + 2 * list(SIZE_WORDS).index(size) + list(TONE_WORDS).index(tone)) % 5 == 0
+
+
+def fashion_captions():
+    """Every Caption with at most one held-out part, in a fixed order."""
+    captions = []
+    for label, size, tone, word, template in itertools.product(range(10), SIZE_WORDS, TONE_WORDS, range(3),
+                                                               range(len(TEMPLATES))):
+        held_out = [kind for kind, held in (("word", word == 2), ("template", template == len(TEMPLATES) - 1),
+                                            ("combination", is_held_out_combination(label, size, tone)))
+                    if held]
+        if len(held_out) > 1:
+            continue
+        for size_word, tone_word in itertools.product(SIZE_WORDS[size], TONE_WORDS[tone]):
+            text = TEMPLATES[template].format(size=size_word, tone=tone_word, item=ITEM_WORDS[label][word])
+            text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a overcoat" -> "an overcoat"
+            captions.append(Caption(text, label, size, tone, "".join(held_out)))
+    return captions
+
+
+class FashionCanvases(torch.utils.data.Dataset):
+    """Item i of `items` (uint8 (N, 28, 28)) drawn with side sides[i] at corner corners[i] and
+    intensity gains[i] on a black image_size canvas -> (3, H, W) in [-1, 1]."""
+
+    def __init__(self, items, sides, corners, gains, image_size):
+        self.items, self.sides, self.corners, self.gains = items, sides, corners, gains
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = torch.from_numpy(self.items[i].astype(np.float32) / 255)[None, None]
+        side, (top, left) = int(self.sides[i]), self.corners[i]
+        item = F.interpolate(item, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        canvas = torch.zeros(3, self.image_size, self.image_size)
+        canvas[:, top: top + side, left: left + side] = item[0].clamp(0, 1) * float(self.gains[i])
+        return canvas * 2 - 1
+
+
+def draw_attributes(sizes, tones, image_size, rng):
+    """Per image: side, top-left corner (anywhere on the canvas) and gain for its size and tone."""
+    scale = image_size / 64
+    sides = np.array([round(rng.uniform(*ITEM_SIDE[s]) * scale) for s in sizes])
+    corners = np.stack([rng.randint(0, image_size - sides + 1) for _ in range(2)], 1)
+    gains = np.array([rng.uniform(*TONE_GAIN[t]) for t in tones])
+    return sides, corners, gains
+
+
+FASHION_SPLITS = ("train", "val", "heldout-word", "heldout-template", "heldout-combination")
+TEST_SHARES = (1000, 500, 500, 500)  # test items of val and the held-out splits, in that order
+
+
+def fashion_split(root, name, image_size, max_train_images=None):
+    """(FashionCanvases, caption of each pair, image of each pair) of a split: 'train' (the train
+    items, 2 seen captions per image), 'val' (1000 test items, seen captions), or 'heldout-word',
+    'heldout-template', 'heldout-combination' (500 other test items each, captions held out in
+    that one part; the combination split skips the 2 classes that have no held-out combination).
+    A test set smaller than 2500 items is shared out in the same proportions."""
+    items, labels = flow.load_fashion_mnist(root, "train" if name == "train" else "test")
+    if name == "train":
+        start, stop = 0, max_train_images or len(items)
+    else:
+        bounds = np.round(np.cumsum([0, *TEST_SHARES]) * min(1, len(items) / sum(TEST_SHARES))).astype(int)
+        start, stop = bounds[FASHION_SPLITS.index(name) - 1: FASHION_SPLITS.index(name) + 1]
+    kind = name.split("-")[1] if name.startswith("heldout") else ""
+    pools = collections.defaultdict(list)  # (label, size, tone) -> its captions of this kind
+    for caption in fashion_captions():
+        if caption.held_out == kind:
+            pools[caption.label, caption.size, caption.tone].append(caption)
+    items, labels = items[start:stop], labels[start:stop]
+    keep = np.isin(labels, [label for label, _, _ in pools])
+    items, labels = items[keep], labels[keep]
+    rng = np.random.RandomState([FASHION_SEED, FASHION_SPLITS.index(name)])
+    per_image = 2 if name == "train" else 1
+    combinations = [sorted(key for key in pools if key[0] == label) for label in labels]
+    drawn = [options[rng.randint(len(options))] for options in combinations]  # (label, size, tone)
+    texts = [pools[key][k].text for key in drawn for k in rng.randint(len(pools[key]), size=per_image)]
+    sides, corners, gains = draw_attributes([size for _, size, _ in drawn], [tone for _, _, tone in drawn],
+                                            image_size, rng)
+    return FashionCanvases(items, sides, corners, gains, image_size), texts, np.repeat(np.arange(len(items)),
+                                                                                        per_image)
+
+
+# ----------------------------------------------------------------------------------------------
 # Data: MS-COCO captions (ROOT/annotations/captions_{split}.json and the image folder ROOT/{split}).
 
 
@@ -168,59 +286,58 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class WordEncoder(nn.Module):
-    """The built-in encoder: one fixed random vector per word of the shapes vocabulary; tokens = the
-    word vectors, zero-padded to 8, pooled = their mean (zero for ""). Being linear in the words, it
-    lets the mapper compose attributes for held-out captions (a random CLIP would not)."""
+    """The built-in encoder: a fixed random vector per word (seeded by the word itself, so any word
+    has one); tokens = the word vectors, zero-padded to 12, pooled = their mean (zero for "").
+    Being linear in the words, it lets the mapper compose attributes for held-out combinations, but
+    a word never seen in training is noise to it: it knows no synonyms."""
 
-    length, dim = 8, 64
-
-    def __init__(self):
-        super().__init__()
-        words = sorted({w for c in shape_combinations() for w in caption_of(c).split()})
-        self.index = {w: i for i, w in enumerate(words)}
-        vectors = torch.randn(len(words), self.dim, generator=torch.Generator().manual_seed(0))
-        self.register_buffer("vectors", vectors / math.sqrt(self.dim))
+    length, dim = 12, 64
 
     @torch.no_grad()
     def forward(self, captions):
-        tokens = torch.zeros(len(captions), self.length, self.dim, device=self.vectors.device)
+        tokens = torch.zeros(len(captions), self.length, self.dim)
         for row, caption in enumerate(captions):
-            unknown = [w for w in caption.split() if w not in self.index]
-            if unknown:
-                raise SystemExit(f"error: the built-in text encoder does not know the word {unknown[0]!r} "
-                                 f"(caption {caption!r})")
-            words = caption.split()[: self.length]
-            tokens[row, : len(words)] = self.vectors[[self.index[w] for w in words]]
-        counts = torch.tensor([max(1, len(c.split()[: self.length])) for c in captions], device=tokens.device)
+            for k, word in enumerate(re.findall(r"[\w'-]+", caption.lower())[: self.length]):
+                generator = torch.Generator().manual_seed(zlib.crc32(word.encode()))
+                tokens[row, k] = torch.randn(self.dim, generator=generator) / math.sqrt(self.dim)
+        counts = (tokens.abs().sum(2) > 0).sum(1).clamp(min=1)
         return tokens.sum(1) / counts[:, None], tokens
 
 
-class ClipEncoder(nn.Module):
-    """CLIP's text transformer (transformers): pooled = the EOS state, tokens = the last hidden states."""
+class TransformersEncoder(nn.Module):
+    """A pretrained text model from a transformers folder or hub name, its kind read off its config.
+    CLIP: pooled = the EOS state (pooler_output). A sentence-embedding model (BERT-style, e.g.
+    all-MiniLM-L6-v2): pooled = the attention-masked mean of the last hidden states, L2-normalised,
+    as sentence-transformers computes it. tokens = the last hidden states, --text-length of them."""
 
     def __init__(self, name, length):
         super().__init__()
         transformers = flow.require("transformers")
         try:
-            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(name)
-            self.model = transformers.CLIPTextModel.from_pretrained(name).eval().requires_grad_(False)
+            self.clip = transformers.AutoConfig.from_pretrained(name).model_type.startswith("clip")
+            model = transformers.CLIPTextModel if self.clip else transformers.AutoModel
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            self.model = model.from_pretrained(name).eval().requires_grad_(False)
         except (OSError, ValueError) as error:
-            raise SystemExit(f"error: cannot load the CLIP text encoder {name!r} ({type(error).__name__}); "
+            raise SystemExit(f"error: cannot load the text encoder {name!r} ({type(error).__name__}); "
                              "download it once with network access or pass a local folder") from None
         self.length = length
 
     @torch.no_grad()
     def forward(self, captions):
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.model.device)
-        out = self.model(input_ids=ids)
-        return out.pooler_output.float(), out.last_hidden_state.float()
+        batch = self.tokenizer(list(captions), padding="max_length", max_length=self.length, truncation=True,
+                               return_tensors="pt").to(self.model.device)
+        if self.clip:
+            out = self.model(input_ids=batch.input_ids)
+            return out.pooler_output.float(), out.last_hidden_state.float()
+        tokens = self.model(**batch).last_hidden_state.float()
+        mask = batch.attention_mask[..., None].float()
+        return F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1), dim=1), tokens
 
 
-def load_text_encoder(args, device):
-    if args.text_encoder == "builtin":
-        return WordEncoder().to(device)
-    return ClipEncoder(args.text_encoder, args.text_length).to(device)
+def load_text_encoder(name, length, device):
+    encoder = WordEncoder() if name == "builtin" else TransformersEncoder(name, length)
+    return encoder.to(device)
 
 
 def encode_captions(encoder, captions, batch=256, progress=False):
@@ -236,7 +353,8 @@ def encode_captions(encoder, captions, batch=256, progress=False):
 
 class Split:
     """images (N, C, H, W); per distinct caption its text and its pooled (Dp,) and token (L, Dt)
-    embeddings (memory-mapped for COCO); pair k = image image_of_pair[k] with caption caption_of_pair[k]."""
+    embeddings (memory-mapped when cached); pair k = image image_of_pair[k] with caption
+    caption_of_pair[k]. Row 0 is the empty caption "", the null condition."""
 
     def __init__(self, images, captions, pooled, tokens, image_of_pair, caption_of_pair):
         self.images, self.captions, self.pooled, self.tokens = images, captions, pooled, tokens
@@ -253,8 +371,22 @@ class Split:
         x1, pooled, tokens = (torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device) for a in arrays)
         return x1, (pooled, tokens)
 
+    def null(self, device):
+        """The empty caption's (pooled (1, Dp), tokens (1, L, Dt))."""
+        return tuple(torch.from_numpy(np.asarray(a[:1], dtype=np.float32)).to(device)
+                     for a in (self.pooled, self.tokens))
+
     def texts(self, index):
         return [self.captions[row] for row in self.caption_of_pair[np.asarray(index)]]
+
+
+def make_split(images, texts_of_pairs, image_of_pair, pooled_and_tokens):
+    """A Split from the caption text of every pair; pooled_and_tokens(distinct captions) embeds the
+    distinct captions, "" first."""
+    distinct = ["", *sorted(set(texts_of_pairs) - {""})]
+    row = {caption: k for k, caption in enumerate(distinct)}
+    caption_of_pair = [row[c] for c in texts_of_pairs]
+    return Split(images, distinct, *pooled_and_tokens(distinct), image_of_pair, caption_of_pair)
 
 
 def shape_splits(args, encoder):
@@ -269,50 +401,79 @@ def shape_splits(args, encoder):
         images, captions, caption_of_image = make_shapes(combinations, per_caption, args.image_size, seed)
         if name == "train":
             images, caption_of_image = (a[:args.max_train_images] for a in (images, caption_of_image))
-        splits[name] = Split(images, captions, *encode_captions(encoder, captions), np.arange(len(images)),
-                             caption_of_image)
+        splits[name] = make_split(images, [captions[k] for k in caption_of_image], np.arange(len(images)),
+                                  lambda distinct: encode_captions(encoder, distinct))
     return splits
 
 
-def coco_split(args, split, encoder, rank, world_size, device, normalisation=None):
-    """(Split of normalised latents, normalisation) of one COCO split, from its cache in
-    --latent-cache/{split}, built first if it is not complete: each rank encodes a contiguous share
-    of the images, rank 0 every distinct caption.
+def read_split(args, name):
+    """(images as a Dataset, caption text of each pair, image of each pair) of a cached data set."""
+    if args.data == "fashion-captions":
+        return fashion_split(args.data_root, name, args.image_size, args.max_train_images)
+    paths, texts, image_of_pair = read_coco(args.data_root, name)
+    if name == args.coco_split and args.max_train_images:
+        keep = image_of_pair < args.max_train_images
+        texts = [caption for caption, kept in zip(texts, keep) if kept]
+        paths, image_of_pair = paths[:args.max_train_images], image_of_pair[keep]
+    return ImageFiles(paths, args.image_size), texts, image_of_pair
+
+
+def encode_images(args, images, path, rank, world_size, device):
+    """Each rank encodes a contiguous share of the images into path.format(rank)."""
+    share = torch.utils.data.Subset(images, np.array_split(np.arange(len(images)), world_size)[rank])
+    if len(share):  # a rank may get no share (more processes than images)
+        autoencoder = flow.load_autoencoder(args.vae, device)
+        torch.manual_seed(args.seed + rank)  # an SD VAE latent is a posterior sample: reproducible
+        loader = torch.utils.data.DataLoader(share, batch_size=64, num_workers=args.workers)
+        latents = [autoencoder.encode(batch.to(device)).half().cpu()
+                   for batch in tqdm(loader, desc="encode", disable=rank != 0 or args.quiet)]
+        np.save(path.format(rank), torch.cat(latents).numpy())
+
+
+def cached_text(args, folder, captions, rank, device):
+    """(pooled, tokens) of `captions`, memory-mapped from FOLDER/text-{encoder}, made once by rank 0:
+    one cache per text encoder, beside the latents they share."""
+    slug = re.sub(r"\W+", "-", os.path.basename(args.text_encoder.rstrip("/")))
+    folder = os.path.join(folder, f"text-{slug}-{args.text_length}")
+    info_path = os.path.join(folder, "info.json")
+    wanted = {"text_encoder": args.text_encoder, "text_length": args.text_length, "captions": len(captions),
+              "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest()}
+    if rank == 0 and not os.path.isfile(info_path):
+        os.makedirs(folder, exist_ok=True)
+        encoder = load_text_encoder(args.text_encoder, args.text_length, device)
+        pooled, tokens = encode_captions(encoder, captions, progress=not args.quiet)
+        np.save(os.path.join(folder, "pooled.npy"), pooled)
+        np.save(os.path.join(folder, "tokens.npy"), tokens)
+        save_json(wanted, info_path)  # written last: marks a complete cache
+    barrier()
+    with open(info_path) as file:
+        if json.load(file) != wanted:
+            raise SystemExit(f"error: text cache {folder} holds other captions or another encoder: "
+                             "remove it or pass another --latent-cache")
+    return tuple(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r") for name in ("pooled", "tokens"))
+
+
+def cached_split(args, name, rank, world_size, device, normalisation=None):
+    """(Split of normalised latents, normalisation) of split `name`, from its cache in
+    --latent-cache/{name}, built first if it is not complete.
 
     The raw latents of an autoencoder are far from unit variance per channel, which would make
     N(0, I) and sigma mean different things in every channel. So x = (z - mean_c) / std_c, with the
     per-channel statistics of the training cache (normalisation=None: this split's own), kept with
     the cache and in every checkpoint; decoding undoes it (make_decoder)."""
-    paths, captions, image_of_pair = read_coco(args.data_root, split)
-    if split == args.coco_split and args.max_train_images:
-        keep = image_of_pair < args.max_train_images
-        captions = [caption for caption, kept in zip(captions, keep) if kept]
-        paths, image_of_pair = paths[:args.max_train_images], image_of_pair[keep]
-    distinct = sorted(set(captions))
-    cache = os.path.join(args.latent_cache or os.path.join(args.out, "latents"), split)
+    images, texts, image_of_pair = read_split(args, name)
+    cache = os.path.join(args.latent_cache or os.path.join(args.out, "latents"), name)
     info_path = os.path.join(cache, "info.json")
-    wanted = {"data_root": os.path.abspath(args.data_root), "images": len(paths), "captions": len(distinct),
-              "image_size": args.image_size, "vae": args.vae, "text_encoder": args.text_encoder,
-              "text_length": args.text_length}
-    latent_files = [os.path.join(cache, f"latents_rank{r}.npy") for r in range(world_size)]
+    wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "images": len(images),
+              "image_size": args.image_size, "vae": args.vae}
+    latent_file = os.path.join(cache, "latents_rank{}.npy")
     if not os.path.isfile(info_path):
         os.makedirs(cache, exist_ok=True)
-        share = [paths[i] for i in np.array_split(np.arange(len(paths)), world_size)[rank]]
-        if share:  # a rank may get no share (more processes than images)
-            autoencoder = flow.load_autoencoder(args.vae, device)
-            torch.manual_seed(args.seed + rank)  # an SD VAE latent is a posterior sample: reproducible
-            loader = torch.utils.data.DataLoader(ImageFiles(share, args.image_size), batch_size=64,
-                                                 num_workers=args.workers)
-            latents = [autoencoder.encode(images.to(device)).half().cpu()
-                       for images in tqdm(loader, desc="encode", disable=rank != 0 or args.quiet)]
-            np.save(latent_files[rank], torch.cat(latents).numpy())
-        if rank == 0:
-            pooled, tokens = encode_captions(encoder, distinct, progress=not args.quiet)
-            np.save(os.path.join(cache, "pooled.npy"), pooled)
-            np.save(os.path.join(cache, "tokens.npy"), tokens)
+        encode_images(args, images, latent_file, rank, world_size, device)
         barrier()
         if rank == 0:
-            raw = np.concatenate([np.load(path) for path in latent_files if os.path.isfile(path)])
+            raw = np.concatenate([np.load(latent_file.format(r)) for r in range(world_size)
+                                  if os.path.isfile(latent_file.format(r))])
             raw = torch.from_numpy(raw).double().transpose(0, 1).flatten(1)  # (C, N * H * W)
             save_json(dict(wanted, world_size=world_size, latent_mean=raw.mean(1).tolist(),
                            latent_std=raw.std(1).tolist()), info_path)  # written last: marks a complete cache
@@ -326,21 +487,24 @@ def coco_split(args, split, encoder, rank, world_size, device, normalisation=Non
     normalisation = normalisation or {key: info[key] for key in ("latent_mean", "latent_std")}
     mean, std = (np.array(normalisation[key], np.float32).reshape(-1, 1, 1)
                  for key in ("latent_mean", "latent_std"))
-    latent_files = [os.path.join(cache, f"latents_rank{r}.npy") for r in range(info["world_size"])]
-    images = (np.concatenate([np.load(path) for path in latent_files if os.path.isfile(path)]) - mean) / std
-    pooled, tokens = (np.load(os.path.join(cache, f"{name}.npy"), mmap_mode="r")
-                      for name in ("pooled", "tokens"))
-    row = {caption: k for k, caption in enumerate(distinct)}
-    return Split(images, distinct, pooled, tokens, image_of_pair, [row[c] for c in captions]), normalisation
+    latents = np.concatenate([np.load(latent_file.format(r)) for r in range(info["world_size"])
+                              if os.path.isfile(latent_file.format(r))])
+    split = make_split((latents - mean) / std, texts, image_of_pair,
+                       lambda distinct: cached_text(args, cache, distinct, rank, device))
+    return split, normalisation
 
 
-def load_data(args, encoder, rank, world_size, device):
+def load_data(args, rank, world_size, device):
     """({split name: Split}, normalisation): the latent statistics, empty for the shapes' pixels."""
     if args.data == "shapes":
-        return shape_splits(args, encoder), {}
-    train, normalisation = coco_split(args, args.coco_split, encoder, rank, world_size, device)
-    val, _ = coco_split(args, args.coco_val_split, encoder, rank, world_size, device, normalisation)
-    return {"train": train, "val": val}, normalisation
+        return shape_splits(args, load_text_encoder(args.text_encoder, args.text_length, device)), {}
+    names = FASHION_SPLITS if args.data == "fashion-captions" else [args.coco_split, args.coco_val_split]
+    train, normalisation = cached_split(args, names[0], rank, world_size, device)
+    splits = {"train": train}
+    for name in names[1:]:
+        splits["val" if name == args.coco_val_split else name] = cached_split(args, name, rank, world_size,
+                                                                            device, normalisation)[0]
+    return splits, normalisation
 
 
 class BatchOrder:
@@ -746,9 +910,9 @@ def train_mapper(args, config, prior, optimizer, train, order, first_step, rank,
 
 
 def grid_batch(splits, device):
-    """(x1, y, captions) of the sample grids: 8 seen (validation) and 8 held-out captions for the
-    shapes, 16 validation pairs for COCO."""
-    names = [name for name in ("val", "heldout") if name in splits]
+    """(x1, y, captions) of the sample grids: 16 pairs spread evenly over the validation and
+    held-out splits (8 + 8 for the shapes, 4 from each of the four for fashion-captions)."""
+    names = [name for name in splits if name != "train"]
     parts = []
     for name in names:
         index = np.linspace(0, len(splits[name]) - 1, 16 // len(names)).astype(int)
@@ -834,11 +998,9 @@ def main(args):
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    encoder = load_text_encoder(args, device)
-    splits, normalisation = load_data(args, encoder, rank, world_size, device)
-    null = encoder([""])  # the empty caption: the null condition of classifier-free guidance
-    del encoder
+    splits, normalisation = load_data(args, rank, world_size, device)
     train = splits["train"]
+    null = train.null(device)  # the empty caption: the null condition of classifier-free guidance
     config = {"latent_shape": list(train.images.shape[1:]), "pooled_dim": null[0].shape[1],
               "token_dim": null[1].shape[2], **normalisation}
 
@@ -880,7 +1042,6 @@ def main(args):
     if args.prior == "text" and rank == 0 and (mapper_step < args.mapper_steps or step == 0):
         report_mapper(prior.mapper, splits, grid, decode, args, device)
     prior.requires_grad_(False).eval()
-    null = tuple(part.to(device) for part in null)
     forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(forward) if args.compile else forward
     sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
@@ -933,8 +1094,12 @@ def load_for_sampling(path, device, use_ema=True, vae=None):
     model.load_state_dict(checkpoint["ema" if use_ema else "model"])
     prior = build_prior(args, config)
     prior.load_state_dict(checkpoint["prior"])
-    encoder = load_text_encoder(args, device)
+    encoder = load_text_encoder(args.text_encoder, args.text_length, device)
     null = encoder([""])
+    if null[0].shape[1] != config["pooled_dim"] or null[1].shape[2] != config["token_dim"]:
+        raise SystemExit(f"error: the text encoder {args.text_encoder!r} gives {null[0].shape[1]}-d pooled "
+                         f"and {null[1].shape[2]}-d token embeddings; {path} was trained on "
+                         f"{config['pooled_dim']}-d and {config['token_dim']}-d")
     return flow.Sampler(
         kind="text", model=model.to(device).eval().requires_grad_(False), prior=prior.to(device).eval(),
         latent_shape=tuple(config["latent_shape"]), make_condition=lambda captions: encoder(list(captions)),
@@ -947,30 +1112,32 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     # Data.
-    add("--data", default="shapes", choices=["shapes", "coco"],
-        help="built-in captioned shapes (offline), or MS-COCO captions")
-    add("--data-root", default=None,
-        help="folder of the data set: COCO's annotations/ and image folders (not for shapes)")
+    add("--data", default="shapes", choices=["shapes", "fashion-captions", "coco"],
+        help="built-in captioned shapes (offline), captioned Fashion-MNIST canvases, or MS-COCO captions")
+    add("--data-root", default=None, help="folder of the data set: the Fashion-MNIST idx files, or COCO's "
+                                          "annotations/ and image folders (not for shapes)")
     add("--coco-split", default="train2017", help="COCO training split (train2014 or train2017)")
     add("--coco-val-split", default="val2017", help="COCO validation split (val2014 or val2017)")
     add("--max-train-images", type=int, default=None,
         help="use only the first N training images (quick runs)")
     add("--image-size", type=int, default=None,
-        help="image side in pixels (default: 32 for shapes, 64 for coco)")
+        help="image side in pixels (default: 32 for shapes, 64 otherwise)")
     add("--vae", default="none", help="'none' (train on pixels), 'sd-ema', 'sd-mse', a local diffusers "
                                       "AutoencoderKL folder, or a folder with taef2_encoder.pth and "
                                       "taef2_decoder.pth")
     add("--latent-cache", default=None, help="folder for the encoded latents and text embeddings "
                                              "(default OUT/latents); share it between runs")
-    add("--workers", type=int, default=4, help="image-reading workers while building a COCO latent cache")
-    add("--text-encoder", default=None, help="'builtin' or a CLIP name or local folder (default: builtin "
-                                             f"for shapes, {CLIP_DEFAULT} for coco)")
-    add("--text-length", type=int, default=32,
-        help="CLIP tokens per caption (padded or truncated; 32 keeps the COCO token cache small)")
+    add("--workers", type=int, default=4, help="image-reading workers while building a latent cache")
+    add("--text-encoder", default=None,
+        help="'builtin', or a transformers folder or hub name of a CLIP text model or a sentence-embedding "
+             f"model (default: builtin for shapes, {SENTENCE_DEFAULT} for fashion-captions, {CLIP_DEFAULT} "
+             "for coco)")
+    add("--text-length", type=int, default=32, help="tokens per caption of a transformers text encoder "
+                                                    "(padded or cut; 32 keeps the COCO token cache small)")
     # Model and method.
     add("--model", default="small", choices=list(MODELS), help="DiT size preset")
     add("--patch-size", type=int, default=None,
-        help="DiT patch side in latent pixels (default: 8 for shapes, 2 for coco)")
+        help="DiT patch side in latent pixels (default: 8 for shapes, 2 otherwise)")
     add("--prior", default="text", choices=["gaussian", "text"],
         help="N(0, I) (CondOT) or N(P(tau(y)), sigma^2 I)")
     add("--prior-sigma", type=float, default=0.5,
@@ -1025,10 +1192,16 @@ def check_args(parser, args):
         parser.error("--data shapes generates pixels for the built-in text encoder: no --vae, --data-root or "
                      "--text-encoder")
     if not shapes and (not args.data_root or not os.path.isdir(args.data_root) or args.vae == "none"):
-        parser.error(f"--data coco needs --data-root pointing to the data (got {args.data_root!r}) and "
-                     "a --vae")
+        parser.error(f"--data {args.data} needs --data-root pointing to the data (got {args.data_root!r}) "
+                     "and a --vae")
+    if args.data == "fashion-captions":
+        missing = [name for pair in flow.FASHION_FILES.values() for name in pair
+                   if not os.path.isfile(os.path.join(args.data_root, name))]
+        if missing:
+            parser.error(f"--data-root {args.data_root} lacks the Fashion-MNIST files {missing}")
     args.image_size = args.image_size or (32 if shapes else 64)
-    args.text_encoder = args.text_encoder or ("builtin" if shapes else CLIP_DEFAULT)
+    default_encoder = {"shapes": "builtin", "fashion-captions": SENTENCE_DEFAULT, "coco": CLIP_DEFAULT}
+    args.text_encoder = args.text_encoder or default_encoder[args.data]
     args.patch_size = args.patch_size or (8 if shapes else 2)
     for name in ("vae", "text_encoder"):  # recorded in the checkpoint: absolute, so sample.py finds it
         if os.path.isdir(getattr(args, name)):

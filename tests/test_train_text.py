@@ -4,12 +4,15 @@ benchmarks/train_text_eval.py. Everything offline, on tiny random configurations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from fakes import write_fashion, write_taef2
 
 import flow
 import train_text
@@ -69,14 +72,15 @@ def test_held_out_captions_compose_seen_attributes():
         assert {c[attribute] for c in held} <= {c[attribute] for c in seen}
 
 
-def test_word_encoder_pools_word_vectors_and_rejects_unknown_words():
+def test_word_encoder_gives_each_word_one_vector_and_pools_their_mean():
     encoder = train_text.WordEncoder()
-    pooled, tokens = encoder(["a small red circle on the left", ""])
-    assert tokens.shape == (2, 8, 64) and pooled.shape == (2, 64)
+    pooled, tokens = encoder(["a small red circle on the left", "", "Red, circle: a purple-ish one"])
+    assert tokens.shape == (3, 12, 64) and pooled.shape == (3, 64)
     assert torch.allclose(pooled[0], tokens[0, :7].mean(0)) and tokens[0, 7:].abs().sum() == 0
     assert pooled[1].abs().sum() == 0 and tokens[1].abs().sum() == 0  # "" is the null condition
-    with pytest.raises(SystemExit, match="does not know the word 'purple'"):
-        encoder(["a small purple circle on the left"])
+    # a word's vector depends on the word alone (case and punctuation aside), wherever it stands
+    assert torch.equal(tokens[2, 0], tokens[0, 2]) and torch.equal(tokens[2, 1], tokens[0, 3])
+    assert tokens[2, 3].abs().sum() > 0 and not torch.equal(tokens[2, 3], tokens[0, 2])  # any word has one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,14 +174,47 @@ def write_tiny_vae(folder):
 
 
 def test_clip_encoder_gives_pooled_eos_state_and_token_states(tmp_path):
-    encoder = train_text.ClipEncoder(write_tiny_clip(tmp_path / "clip"), length=16)
+    encoder = train_text.load_text_encoder(write_tiny_clip(tmp_path / "clip"), 16, "cpu")
+    assert encoder.clip  # recognised from the config's model_type
     pooled, tokens = encoder(["a red circle", "a blue square", ""])
     assert pooled.shape == (3, 32) and tokens.shape == (3, 16, 32)
     ids = encoder.tokenizer(["a red circle"], padding="max_length", max_length=16).input_ids[0]
     assert torch.allclose(pooled[0], tokens[0, ids.index(1)])  # pooled = the final state at the first EOS
     assert not torch.allclose(pooled[0], pooled[1])
-    with pytest.raises(SystemExit, match="cannot load the CLIP text encoder"):
-        train_text.ClipEncoder(str(tmp_path / "nowhere"), length=16)
+    with pytest.raises(SystemExit, match="cannot load the text encoder"):
+        train_text.load_text_encoder(str(tmp_path / "nowhere"), 16, "cpu")
+
+
+def write_tiny_bert(folder):
+    """A sentence-embedding model as all-MiniLM-L6-v2 is laid out (BERT, WordPiece), tiny and random."""
+    transformers = pytest.importorskip("transformers")
+    os.makedirs(folder, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "small",
+             "large", "dark", "light", "bag", "boot", ",", ":"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_sentence_encoder_pools_the_masked_mean_of_the_token_states(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = write_tiny_bert(tmp_path / "bert")
+    encoder = train_text.load_text_encoder(folder, 16, "cpu")
+    assert not encoder.clip
+    pooled, tokens = encoder(["a red circle", "a small dark bag , large", ""])
+    assert pooled.shape == (3, 24) and tokens.shape == (3, 16, 24)
+    # brute force: the model run on each caption alone, unpadded; mean over its tokens, L2-normalised
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for row, caption in enumerate(["a red circle", "a small dark bag , large", ""]):
+        with torch.no_grad():
+            states = model(**tokenizer([caption], return_tensors="pt")).last_hidden_state[0]
+        assert torch.allclose(pooled[row], F.normalize(states.mean(0), dim=0), atol=1e-5)
+    assert torch.allclose(pooled.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
 def test_coco_run_caches_latents_and_text_then_samples(tmp_path):
@@ -193,7 +230,8 @@ def test_coco_run_caches_latents_and_text_then_samples(tmp_path):
     cache = out / "latents" / "train2017"
     raw = np.load(cache / "latents_rank0.npy")
     assert raw.shape == (4, 4, 8, 8)  # one latent per image, 16 px / 2 (the tiny VAE halves the size)
-    assert np.load(cache / "pooled.npy").shape == (8, 32)  # one embedding per distinct caption
+    text_cache = cache / "text-clip-16"  # one embedding per distinct caption, "" first
+    assert np.load(text_cache / "pooled.npy").shape == (9, 32)
     assert (out / "mapper_means.png").exists() and (out / "samples" / "step_0000002_nfe_2.png").exists()
     # per-channel latent statistics of the training cache, in the cache and in the checkpoint
     info = json.loads((cache / "info.json").read_text())
@@ -203,8 +241,7 @@ def test_coco_run_caches_latents_and_text_then_samples(tmp_path):
     checkpoint = load(out / "checkpoints" / "step_0000002.pt")
     assert checkpoint["config"]["latent_mean"] == info["latent_mean"]
     args = train_text.parse_args(["--out", str(out), *coco])
-    encoder = train_text.ClipEncoder(clip, 16)
-    split, _ = train_text.coco_split(args, "train2017", encoder, 0, 1, torch.device("cpu"))
+    split, _ = train_text.cached_split(args, "train2017", 0, 1, torch.device("cpu"))
     normalised = torch.from_numpy(split.images).transpose(0, 1).flatten(1)
     assert torch.allclose(normalised.mean(1), torch.zeros(4), atol=1e-4)
     assert torch.allclose(normalised.std(1), torch.ones(4), atol=1e-3)
@@ -221,8 +258,82 @@ def test_coco_run_caches_latents_and_text_then_samples(tmp_path):
     assert torch.allclose(loaded.decode(torch.from_numpy(split.images[:1])),
                           autoencoder.decode(torch.from_numpy(raw[:1]).float()), atol=1e-4)
     with pytest.raises(SystemExit, match="pass another --latent-cache"):  # a cache of other images
-        train_text.coco_split(train_text.parse_args(["--out", str(out), *coco, "--max-train-images", "2"]),
-                              "train2017", None, 0, 1, torch.device("cpu"))
+        train_text.cached_split(train_text.parse_args(["--out", str(out), *coco, "--max-train-images", "2"]),
+                                "train2017", 0, 1, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioned Fashion-MNIST: held-out wordings, drawn attributes, a run with a sentence encoder.
+
+
+def test_fashion_captions_hold_out_words_templates_and_combinations():
+    captions = train_text.fashion_captions()
+    seen = [c for c in captions if not c.held_out]
+    held_words = [words[2] for words in train_text.ITEM_WORDS]
+    assert not [c for c in seen if any(re.search(rf"\b{w}\b", c.text) for w in held_words)]
+    assert not [c for c in seen if c.text.startswith("one ")]  # the held-out template
+    combinations = {(c.label, c.size, c.tone) for c in seen}
+    assert len(combinations) == 32  # 8 of the 40 held out ...
+    for label in range(10):  # ... yet every class is seen with both sizes and both tones
+        assert {s for c, s, _ in combinations if c == label} == {"small", "large"}
+        assert {t for c, _, t in combinations if c == label} == {"dark", "light"}
+    for kind in ("word", "template", "combination"):
+        held = [c for c in captions if c.held_out == kind]
+        assert held and not {c.text for c in held} & {c.text for c in seen}
+    texts = " | ".join(c.text for c in captions)
+    assert "an overcoat" in texts and "a overcoat" not in texts and "an image of a large" in texts
+
+
+def test_fashion_canvas_draws_the_item_at_its_size_place_and_tone():
+    item = np.full((1, 28, 28), 255, np.uint8)
+    canvas = train_text.FashionCanvases(item, [20], [(5, 30)], [0.4], 64)[0]
+    bright = (canvas[0] > -1).nonzero()
+    assert bright[:, 0].min() == 5 and bright[:, 0].max() == 24 and bright[:, 1].min() == 30
+    assert bright[:, 1].max() == 49 and torch.allclose(canvas[:, 5:25, 30:50], torch.tensor(0.4 * 2 - 1))
+    assert torch.equal(canvas[0], canvas[2])  # grey as RGB
+    rng = np.random.RandomState(0)
+    sides, corners, gains = train_text.draw_attributes(["small", "large"] * 50, ["dark", "light"] * 50, 64,
+                                                       rng)
+    assert sides[::2].max() <= 28 and sides[1::2].min() >= 46 and (corners + sides[:, None]).max() <= 64
+    assert gains[::2].max() <= 0.45 and gains[1::2].min() >= 0.9
+
+
+def test_fashion_captions_run_with_a_sentence_encoder(tmp_path):
+    pytest.importorskip("transformers")
+    write_fashion(tmp_path / "fashion", train=30, test=25)
+    write_taef2(tmp_path / "taef2")
+    bert = write_tiny_bert(tmp_path / "bert")
+    out = tmp_path / "run"
+    options = ["--data", "fashion-captions", "--data-root", str(tmp_path / "fashion"), "--vae",
+               str(tmp_path / "taef2"), "--text-encoder", bert, "--image-size", "32", "--workers", "0",
+               "--mapper-steps", "2", "--steps", "2"]
+    run(out, *options)
+    args = train_text.parse_args(["--out", str(out), *options])
+    splits, _ = train_text.load_data(args, 0, 1, torch.device("cpu"))  # from the caches
+    assert list(splits) == list(train_text.FASHION_SPLITS)
+    truth = {c.text: c for c in train_text.fashion_captions()}
+    assert len(splits["train"]) == 60 and splits["train"].images.shape == (30, 32, 4, 4)  # 2 captions each
+    for name, split in splits.items():
+        kind = name.split("-")[1] if name.startswith("heldout") else ""
+        assert split.captions[0] == "" and {truth[c].held_out for c in split.captions[1:]} == {kind}
+        assert (out / "latents" / name / "text-bert-32" / "info.json").exists()
+    pairs = splits["train"].image_of_pair.reshape(-1, 2)  # both captions of an image agree on its attributes
+    texts = np.array(splits["train"].texts(np.arange(60))).reshape(-1, 2)
+    assert (pairs[:, 0] == pairs[:, 1]).all()
+    assert all(truth[a][1:4] == truth[b][1:4] for a, b in texts)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {f"val_loss_{name}" for name in train_text.FASHION_SPLITS[1:]} <= set().union(*log)
+    loaded = train_text.load_for_sampling(str(out), "cpu")
+    rows = splits["val"].caption_of_pair[:1]
+    cached = torch.from_numpy(np.asarray(splits["val"].pooled[rows], np.float32))
+    assert torch.allclose(loaded.make_condition(splits["val"].texts([0]))[0], cached, atol=1e-2)
+    # a text encoder of another size where the checkpoint's was: one line
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig.from_pretrained(bert)
+    config.hidden_size, config.intermediate_size = 16, 32
+    transformers.BertModel(config).save_pretrained(bert)
+    with pytest.raises(SystemExit, match="gives 16-d pooled and 16-d token embeddings"):
+        train_text.load_for_sampling(str(out), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
