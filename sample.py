@@ -5,7 +5,8 @@ sample x0 (t = 0) to the data (t = 1) with fixed-step Euler or midpoint (flow.so
 
     OUT/{solver}_nfe{NFE:03d}.png    a grid of the first --grid images
     OUT/{solver}_nfe{NFE:03d}.npz    arr_0 = uint8 NHWC RGB images, arr_1 = labels (class) or
-                                     caption indices (text): the layout the ADM evaluator reads
+                                     the line of --prompts each image came from (text, from 0):
+                                     the layout the ADM evaluator reads
     OUT/{solver}_nfe{NFE:03d}.json   measured NFE, seconds per image, transport cost
                                      E||x1 - x0||^2 and straightness E int ||v - (x1 - x0)||^2 dt
                                      of the sampled trajectories (and FID/KID with --fid-ref)
@@ -62,7 +63,8 @@ def load_sampler(path, device, use_ema, vae=None):
 
 
 def image_conditions(kind, sampler, args):
-    """What image i is conditioned on, for every i: a label, or a caption. Depends on i only."""
+    """(what image i is conditioned on, its arr_1 entry) for every i: (a label, the label), or (a
+    caption, its line in --prompts). Depends on i only."""
     if kind == "class":
         if args.prompts:
             raise SystemExit("error: --prompts is for text checkpoints; "
@@ -71,26 +73,30 @@ def image_conditions(kind, sampler, args):
         bad = [c for c in classes if not 0 <= c < sampler.num_classes]
         if bad:
             raise SystemExit(f"error: --classes {bad} outside [0, {sampler.num_classes})")
-        return [classes[i % len(classes)] for i in range(args.num_images)]  # class-balanced
+        labels = [classes[i % len(classes)] for i in range(args.num_images)]  # class-balanced
+        return labels, np.asarray(labels, dtype=np.int64)
     if args.classes is not None:
         raise SystemExit("error: --classes is for class checkpoints; "
                          "this one is text-conditional (use --prompts)")
     if not args.prompts:
         raise SystemExit("error: a text checkpoint needs --prompts FILE (one prompt per line)")
-    with open(args.prompts) as file:
-        prompts = [line.strip() for line in file if line.strip()]
-    if not prompts:
-        raise SystemExit(f"error: no prompts in {args.prompts}")
-    return [prompts[i % len(prompts)] for i in range(args.num_images)]
+    lines = np.arange(args.num_images) % len(args.prompt_lines)
+    return [args.prompt_lines[k] for k in lines], lines
 
 
-def label_array(kind, conditions):
-    """arr_1 of the npz: the class labels, or for captions the index of each distinct caption."""
-    if kind == "class":
-        return np.asarray(conditions, dtype=np.int64)
-    first_index = {}
-    return np.asarray([first_index.setdefault(caption, len(first_index)) for caption in conditions],
-                      dtype=np.int64)
+def read_prompts(path):
+    """The lines of a prompts file; one line for a missing or unreadable file, no prompts, or an
+    empty line (a blank caption would silently sample the unconditional model)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: cannot read --prompts {path} ({type(error).__name__}: {error})") from None
+    blank = [k + 1 for k, line in enumerate(lines) if not line.strip()]
+    if not lines or blank:
+        raise SystemExit(f"error: --prompts {path} " + (f"line {blank[0]} is an empty caption: one caption "
+                                                        "per line, no blank lines" if blank else "is empty"))
+    return [line.strip() for line in lines]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,8 +247,7 @@ def main(args):
         raise SystemExit(f"error: --num-images {args.num_images} is smaller than the {world} processes")
     checkpoint = flow.resolve_checkpoint(args.ckpt)
     kind, sampler = load_sampler(checkpoint, device, use_ema=not args.no_ema, vae=args.vae)
-    conditions = image_conditions(kind, sampler, args)
-    labels = label_array(kind, conditions)
+    conditions, labels = image_conditions(kind, sampler, args)
     args.out = args.out or default_out(checkpoint)
     refuse_existing(args)
     if args.cfg_scale != 1 and not sampler.trained_with_dropout and rank == 0:
@@ -346,6 +351,7 @@ def parse_args(argv=None):
         parser.error("--fid-ref needs --num-images of at least 2 (thousands for a meaningful FD)")
     if os.path.isfile(args.out or ""):
         parser.error(f"--out {args.out} is an existing file, not a folder")
+    args.prompt_lines = read_prompts(args.prompts) if args.prompts else None
     return args
 
 

@@ -194,7 +194,9 @@ def test_vae_floor_is_the_fd_of_reconstructions(tmp_path, digits_ref):
 def test_bad_inputs(tmp_path, checkpoint, digits_ref):
     out = ["--out", str(tmp_path)]
     assert "does not exist" in error_of(["--ckpt", str(tmp_path / "missing.pt")] + out)
-    assert "--prompts is for text" in error_of(["--ckpt", checkpoint, "--prompts", "p.txt"] + out)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert "--prompts is for text" in error_of(["--ckpt", checkpoint, "--prompts", str(prompts)] + out)
     assert "outside [0, 10)" in error_of(["--ckpt", checkpoint, "--classes", "3", "12"] + out)
     assert "need --fid-ref" in error_of(["--ckpt", checkpoint, "--kid"] + out)
     assert "lower --kid-subset-size" in error_of(["--ckpt", checkpoint, "--fid-ref", digits_ref, "--kid",
@@ -214,19 +216,26 @@ def test_text_checkpoint_with_prompts_and_guidance(tmp_path):
                                            "--global-batch", "8", "--max-batch-per-gpu", "8",
                                            "--ckpt-every", "2", "--sample-every", "1000",
                                            "--out", str(tmp_path / "train"), "--quiet"]))
-    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na red circle\n")
     common = ["--ckpt", str(tmp_path / "train"), "--prompts", str(tmp_path / "prompts.txt"), "--nfe", "2",
               "--num-images", "5", "--cfg-scale", "2", "--no-ema"]
     run_sample(common + ["--batch-size", "5", "--out", str(tmp_path / "one")])
     run_sample(common + ["--batch-size", "2", "--out", str(tmp_path / "small")])
     name = tmp_path / "one" / "euler_nfe002"
     captions = name.with_name("euler_nfe002_captions.txt").read_text().splitlines()
-    assert captions == ["a red circle", "a blue square"] * 2 + ["a red circle"]
+    assert captions == ["a red circle", "a blue square", "a red circle", "a red circle", "a blue square"]
     with np.load(name.with_suffix(".npz")) as data, np.load(tmp_path / "small" / "euler_nfe002.npz") as small:
-        np.testing.assert_array_equal(data["arr_1"], [0, 1, 0, 1, 0])  # index of the caption
+        np.testing.assert_array_equal(data["arr_1"], [0, 1, 2, 0, 1])  # the prompt's line, repeats apart
         assert np.abs(data["arr_0"].astype(int) - small["arr_0"]).max() <= 1
     assert json.loads(name.with_suffix(".json").read_text())["nfe"] == 2
     assert "needs --prompts" in error_of(common[:2] + ["--out", str(tmp_path / "bad")])
+    (tmp_path / "blank.txt").write_text("a red circle\n \na blue square\n")
+    (tmp_path / "empty.txt").write_text("")
+    for prompts, message in (("blank.txt", "line 2 is an empty caption"), ("empty.txt", "is empty"),
+                             ("missing.txt", "cannot read --prompts")):
+        options = common[:2] + ["--prompts", str(tmp_path / prompts), "--out", str(tmp_path / "bad")]
+        assert message in error_of(options)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_default_out_is_beside_the_run_and_results_are_never_replaced_silently(checkpoint):
@@ -306,10 +315,10 @@ def test_taef2_checkpoint_samples_decode_through_the_autoencoder(tmp_path, taef2
 
 def test_vae_option_replaces_an_autoencoder_that_moved(tmp_path, taef2_run):
     run, autoencoder = taef2_run
-    checkpoint = torch.load(flow.resolve_checkpoint(str(run)), map_location="cpu", weights_only=False)
+    checkpoint = flow.load_checkpoint(flow.resolve_checkpoint(str(run)))
     checkpoint["args"]["vae"] = str(tmp_path / "old_place")  # as if the folder had moved since training
     os.makedirs(tmp_path / "run" / "checkpoints")
-    torch.save(checkpoint, tmp_path / "run" / "checkpoints" / "step_0000002.pt")
+    flow.save_atomic(checkpoint, str(tmp_path / "run" / "checkpoints" / "step_0000002.pt"))
     shutil.copytree(autoencoder, tmp_path / "new_place")
     common = ["--ckpt", str(tmp_path / "run"), "--nfe", "1", "--num-images", "2", "--quiet"]
     assert "old_place" in error_of(common + ["--out", str(tmp_path / "without")])

@@ -35,7 +35,7 @@ def run(out, *extra):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return flow.load_checkpoint(str(path))
 
 
 def assert_same_state(a, b):
@@ -486,12 +486,12 @@ def test_gaussian_prior_run_and_bad_checkpoints(tmp_path, shapes_run):
     # ... nor can a text-prior checkpoint whose mapper is gone be sampled; nothing else is touched
     broken = load(shapes_run / "checkpoints" / "step_0000004.pt")
     broken["prior"] = {k: v for k, v in broken["prior"].items() if not k.startswith("mapper.")}
-    torch.save(broken, tmp_path / "broken.pt")
+    flow.save_atomic(broken, str(tmp_path / "broken.pt"))
     with pytest.raises(SystemExit, match="has no mapper"):
         train_text.load_for_sampling(str(tmp_path / "broken.pt"), "cpu")
     with pytest.raises(SystemExit, match="no checkpoint at"):
         train_text.load_for_sampling(str(tmp_path / "missing.pt"), "cpu")
-    torch.save({"kind": "class"}, tmp_path / "class.pt")
+    flow.save_atomic({"kind": "class"}, str(tmp_path / "class.pt"))
     with pytest.raises(SystemExit, match="not a train_text.py checkpoint"):
         train_text.load_for_sampling(str(tmp_path / "class.pt"), "cpu")
 
