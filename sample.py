@@ -51,15 +51,18 @@ TRAINERS = {"class": "train_class", "text": "train_text"}  # ckpt["kind"] -> mod
 # Checkpoint and conditions.
 
 
-def load_sampler(path, device, use_ema, vae=None):
+def load_sampler(path, device, use_ema, vae=None, text_encoder=None):
     """Ask the trainer that wrote the checkpoint to rebuild it: its load_for_sampling returns the
     flow.Sampler that is all this script uses (see flow.Sampler)."""
     checkpoint = flow.load_checkpoint(path)
     kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
     if kind not in TRAINERS:
         raise SystemExit(f"error: {path} has kind {kind!r}, expected one of {sorted(TRAINERS)}")
+    if text_encoder and kind != "text":
+        raise SystemExit(f"error: --text-encoder is for text checkpoints; {path} is class-conditional")
     trainer = importlib.import_module(TRAINERS[kind])
-    return kind, trainer.load_for_sampling(path, device, use_ema=use_ema, vae=vae)
+    extra = {"text_encoder": text_encoder} if text_encoder else {}
+    return kind, trainer.load_for_sampling(path, device, use_ema=use_ema, vae=vae, **extra)
 
 
 def image_conditions(kind, sampler, args):
@@ -246,7 +249,7 @@ def main(args):
     if args.num_images < world:
         raise SystemExit(f"error: --num-images {args.num_images} is smaller than the {world} processes")
     checkpoint = flow.resolve_checkpoint(args.ckpt)
-    kind, sampler = load_sampler(checkpoint, device, use_ema=not args.no_ema, vae=args.vae)
+    kind, sampler = load_sampler(checkpoint, device, not args.no_ema, args.vae, args.text_encoder)
     conditions, labels = image_conditions(kind, sampler, args)
     args.out = args.out or default_out(checkpoint)
     refuse_existing(args)
@@ -310,6 +313,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--vae", default=None,
                         help="autoencoder to decode with instead of the checkpoint's (e.g. its folder moved)")
+    parser.add_argument("--text-encoder", default=None, help="text checkpoints: the text encoder to use "
+                        "instead of the checkpoint's (the same model, in a folder that moved)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="NFE budgets to sample at")
     parser.add_argument("--solver", default="euler", choices=list(flow.SOLVERS),

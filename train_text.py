@@ -1079,9 +1079,10 @@ def main(args):
 # Loading for sampling (sample.py).
 
 
-def load_for_sampling(path, device, use_ema=True, vae=None):
+def load_for_sampling(path, device, use_ema=True, vae=None, text_encoder=None):
     """A checkpoint file (or a run folder: its latest checkpoint) -> the flow.Sampler sample.py
-    uses. `vae` overrides the autoencoder recorded in the checkpoint (a folder that moved)."""
+    uses. `vae` and `text_encoder` override the autoencoder and text encoder recorded in the
+    checkpoint (the same model in a folder that moved, or a local copy of a hub model)."""
     path = flow.resolve_checkpoint(path)
     checkpoint = flow.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "text":
@@ -1094,10 +1095,11 @@ def load_for_sampling(path, device, use_ema=True, vae=None):
     model.load_state_dict(checkpoint["ema" if use_ema else "model"])
     prior = build_prior(args, config)
     prior.load_state_dict(checkpoint["prior"])
-    encoder = load_text_encoder(args.text_encoder, args.text_length, device)
+    text_encoder = text_encoder or args.text_encoder
+    encoder = load_text_encoder(text_encoder, args.text_length, device)
     null = encoder([""])
     if null[0].shape[1] != config["pooled_dim"] or null[1].shape[2] != config["token_dim"]:
-        raise SystemExit(f"error: the text encoder {args.text_encoder!r} gives {null[0].shape[1]}-d pooled "
+        raise SystemExit(f"error: the text encoder {text_encoder!r} gives {null[0].shape[1]}-d pooled "
                          f"and {null[1].shape[2]}-d token embeddings; {path} was trained on "
                          f"{config['pooled_dim']}-d and {config['token_dim']}-d")
     return flow.Sampler(

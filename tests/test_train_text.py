@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -327,13 +328,16 @@ def test_fashion_captions_run_with_a_sentence_encoder(tmp_path):
     rows = splits["val"].caption_of_pair[:1]
     cached = torch.from_numpy(np.asarray(splits["val"].pooled[rows], np.float32))
     assert torch.allclose(loaded.make_condition(splits["val"].texts([0]))[0], cached, atol=1e-2)
-    # a text encoder of another size where the checkpoint's was: one line
+    # the encoder moved: sample.py --text-encoder; an encoder of another size: one line
+    shutil.copytree(bert, tmp_path / "moved")
+    moved = train_text.load_for_sampling(str(out), "cpu", text_encoder=str(tmp_path / "moved"))
+    assert torch.equal(moved.make_condition(["a red bag"])[0], loaded.make_condition(["a red bag"])[0])
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig.from_pretrained(bert)
     config.hidden_size, config.intermediate_size = 16, 32
-    transformers.BertModel(config).save_pretrained(bert)
+    transformers.BertModel(config).save_pretrained(tmp_path / "moved")
     with pytest.raises(SystemExit, match="gives 16-d pooled and 16-d token embeddings"):
-        train_text.load_for_sampling(str(out), "cpu")
+        train_text.load_for_sampling(str(out), "cpu", text_encoder=str(tmp_path / "moved"))
 
 
 # ---------------------------------------------------------------------------------------------
