@@ -12,10 +12,12 @@ A velocity network is called as model(x_t, t, cond) with t of shape (B,); `cond`
 network takes (class labels, text embeddings) and this module never looks inside it.
 
 Contents: priors, interpolant and loss, couplings, samplers, measures, and the few training
-utilities that both trainers need (distributed setup, EMA, atomic checkpoints and their loading,
-RNG state, learning-rate warm-up, log trimming on resume, SD VAE).
+utilities that both trainers need (per-example noise, distributed setup, EMA, atomic writes,
+checksummed checkpoints and their loading, RNG state, learning-rate warm-up, log trimming, SD VAE).
 """
+import contextlib
 import glob
+import hashlib
 import importlib
 import json
 import os
@@ -145,9 +147,9 @@ def target_velocity(x0, x1):
     return x1 - x0
 
 
-def flow_matching_loss(model, x0, x1, cond, schedule="uniform"):
-    """E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, averaged over every element."""
-    t = sample_time(len(x1), schedule, device=x1.device)
+def flow_matching_loss(model, x0, x1, cond, schedule="uniform", t=None):
+    """E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, averaged over every element; t drawn unless given."""
+    t = sample_time(len(x1), schedule, device=x1.device) if t is None else t
     v = model(interpolate(x0, x1, t), t, cond)
     return (v.float() - target_velocity(x0, x1).float()).pow(2).mean()
 
@@ -294,6 +296,21 @@ def straightness(trajectory):
 # Training utilities shared by train_class.py and train_text.py.
 
 
+def draw_examples(seed, step, batch, shape, schedule="uniform", uniforms=1):
+    """The randomness of global batch `step`: per example, prior noise (batch, *shape) ~ N(0, I), time t
+    (batch,) and (batch, uniforms) U(0, 1) numbers (dropout decisions...), from a generator seeded by a
+    hash of (seed, step, index in the batch) (NumPy's SeedSequence: the same on every machine). So a
+    batch is a pure function of (seed, step), whatever process, worker or micro-batch handles it."""
+    draws = []
+    for index in range(batch):
+        key = np.random.SeedSequence([seed % 2**64, step, index]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(key))
+        draws.append((torch.randn(shape, generator=generator), sample_time(1, schedule, generator=generator),
+                      torch.rand(uniforms, generator=generator)))
+    noise, t, u = zip(*draws)
+    return torch.stack(noise), torch.cat(t), torch.stack(u)
+
+
 def setup_distributed():
     """(rank, world_size, device). Under torchrun (RANK set): NCCL on GPU, gloo on CPU."""
     if "RANK" not in os.environ:
@@ -314,11 +331,47 @@ def update_ema(ema, model, decay):
         ema_param.lerp_(param.detach(), 1 - decay)
 
 
+@contextlib.contextmanager
+def write_errors(path):
+    """An OSError while writing `path` (disk full, no permission, a parent that is a file) -> one line."""
+    try:
+        yield
+    except OSError as error:
+        raise SystemExit(f"error: cannot write {path}: {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """A temporary file, flushed to disk, then renamed over `path`: a crash or a failed write never leaves
+    half a file, and the previous `path` stays intact. One per process, so racing writers do not mix."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with write_errors(path):
+        try:
+            with open(tmp, mode) as file:
+                yield file
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through atomic_file. A dict gets the checksum of its contents, which load_checkpoint
+    verifies: torch.load does not check the zip CRC, so flipped bytes would load silently."""
+    if isinstance(obj, dict):  # a checkpoint read with torch.load holds its old checksum: replace it
+        obj = {key: value for key, value in obj.items() if key != "checksum"}
+        obj["checksum"] = checksum(obj)
+    with atomic_file(path) as file:
+        torch.save(obj, file)
+
+
+def remove_partial_saves(*folders):
+    """Delete the temporary files of writes that a crash interrupted (atomic_file's PATH.PID.tmp)."""
+    for folder in folders:
+        for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+            os.remove(path)
 
 
 def rng_state():
@@ -373,30 +426,66 @@ def resolve_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """torch.load to CPU with weights_only=True: our checkpoints hold only tensors and plain data, and
-    a file that needs pickled Python objects (which could run code while loading) is refused. One line
-    names a missing, unreadable or refused file. mmap reads a tensor from disk only when it is used,
-    so peeking at a large checkpoint's metadata is cheap."""
+    """A checkpoint file (or a run folder's latest) through read_checkpoint, or one line naming it."""
     path = resolve_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError:
-        raise SystemExit(f"error: {path} needs pickled Python objects to load, which could run code: refused "
-                         "(checkpoints of this project hold only tensors and plain data)") from None
-    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a truncated or foreign file
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(error).__name__})") from None
-    bad = first_non_finite(checkpoint)
-    if bad:  # NaN weights would sample black images and NaN metrics without a word
-        raise SystemExit(f"error: {path} holds NaN or inf values in {bad}: refused")
+    checkpoint, problem = read_checkpoint(path)
+    if problem:
+        raise SystemExit(f"error: {path} {problem}")
     return checkpoint
 
 
-def first_non_finite(value, name="checkpoint"):
-    """The name of the first floating tensor in nested dicts and lists with a NaN or inf, or None."""
-    if isinstance(value, torch.Tensor):
-        return name if value.is_floating_point() and not torch.isfinite(value).all() else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    return next((bad for key, item in items if (bad := first_non_finite(item, f"{name}[{key!r}]"))), None)
+def read_checkpoint(path):
+    """(checkpoint, None) or (None, what is wrong with it). weights_only=True: our checkpoints hold only
+    tensors and plain data, and a file that needs pickled objects (which could run code) is refused. The
+    checksum of save_atomic is verified and removed (older files have none). NaN weights would sample
+    black images and NaN metrics without a word. mmap: a tensor is read only when it is used."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        return None, "needs pickled Python objects to load, which could run code: refused"
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a truncated or foreign file
+        return None, f"cannot be read as a checkpoint ({type(error).__name__})"
+    saved = checkpoint.pop("checksum", None) if isinstance(checkpoint, dict) else None
+    if saved is not None and saved != checksum(checkpoint):
+        return None, "is corrupted (its contents do not match their checksum): refused"
+    bad = next((name for name, leaf in leaves(checkpoint) if isinstance(leaf, torch.Tensor)
+                and leaf.is_floating_point() and not torch.isfinite(leaf).all()), None)
+    return (None, f"holds NaN or inf values in {bad}: refused") if bad else (checkpoint, None)
+
+
+def latest_valid_checkpoint(folder):
+    """(path, checkpoint) of the newest step_*.pt in `folder` that read_checkpoint accepts (for --resume);
+    one line names the newer ones it skips."""
+    skipped = []
+    for path in sorted(glob.glob(os.path.join(folder, "step_*.pt")), reverse=True):
+        checkpoint, problem = read_checkpoint(path)
+        if problem is None:
+            if skipped and not (dist.is_initialized() and dist.get_rank()):
+                print(f"note: {'; '.join(skipped)}: resuming from the previous valid checkpoint {path}")
+            return path, checkpoint
+        skipped.append(f"{path} {problem}")
+    raise SystemExit(f"error: --resume: no valid checkpoint in {folder} ({'; '.join(skipped)})")
+
+
+def leaves(value, name="checkpoint"):
+    """(name, leaf) of every leaf of nested dicts, lists and tuples, dict keys in sorted order."""
+    if not isinstance(value, (dict, list, tuple)):
+        yield name, value
+        return
+    items = sorted(value.items(), key=lambda kv: repr(kv[0])) if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        yield from leaves(item, f"{name}[{key!r}]")
+
+
+def checksum(value):
+    """sha256 over every leaf in canonical order: its name, and a tensor's dtype, shape and bytes or the
+    repr of plain data."""
+    digest = hashlib.sha256()
+    for name, leaf in leaves(value):
+        tensor = isinstance(leaf, torch.Tensor)
+        digest.update(f"{name}={(leaf.dtype, tuple(leaf.shape)) if tensor else leaf!r}".encode())
+        digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy() if tensor else b"")
+    return digest.hexdigest()
 
 
 def gather_rng_states():
@@ -423,7 +512,7 @@ def trim_log(path, keep):
     if os.path.isfile(path):
         with open(path) as file:
             records = [parse_json(line) for line in file if line.strip()]
-        with open(path, "w") as file:
+        with atomic_file(path, "w") as file:  # a failed rewrite must not cut the log short
             file.writelines(json.dumps(record) + "\n" for record in records
                             if record is not None and keep(record))
 

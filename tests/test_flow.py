@@ -1,7 +1,9 @@
 """The shared module against closed forms, brute force and statistics."""
+import errno
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -44,6 +46,9 @@ def test_loss_sees_x_t_on_the_straight_line_at_the_sampled_time():
 
     flow.flow_matching_loss(model, x0, x1, None)
     torch.testing.assert_close(seen["x"], seen["t"][:, None].expand(8, 2))
+    given = torch.linspace(0, 1, 8)
+    flow.flow_matching_loss(model, x0, x1, None, t=given)  # a time drawn per example by the caller
+    assert seen["t"] is given and torch.equal(seen["x"], given[:, None].expand(8, 2))
 
 
 def test_time_schedules():
@@ -294,6 +299,115 @@ def test_save_atomic_leaves_no_temporary_file(tmp_path):
     assert torch.load(path)["step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def flip_bytes(path, tensor):
+    """Invert the bytes of `tensor` where the file stores them, as a failing disk could."""
+    data = bytearray(path.read_bytes())
+    start = data.find(tensor.numpy().tobytes())
+    assert start > 0
+    data[start:start + tensor.numel() * tensor.element_size()] = bytes(
+        255 - b for b in data[start:start + tensor.numel() * tensor.element_size()])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path):
+    weights = {"weight": torch.linspace(-1, 1, 1024), "bias": torch.ones(3)}
+    state = {"step": 5, "model": weights, "args": {"lr": 1e-3, "betas": (0.9, 0.99)}}
+    flow.save_atomic(state, tmp_path / "a.pt")
+    loaded = flow.load_checkpoint(tmp_path / "a.pt")
+    assert "checksum" not in loaded and loaded["args"]["betas"] == (0.9, 0.99)
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["checksum"] == flow.checksum(loaded)
+    flip_bytes(tmp_path / "a.pt", weights["weight"][100:900])  # finite values: only the checksum sees it
+    assert torch.isfinite(torch.load(tmp_path / "a.pt", weights_only=True)["model"]["weight"]).all()
+    with pytest.raises(SystemExit, match=r"^error: .*a.pt is corrupted \(its contents do not match their "
+                                         r"checksum\): refused$"):
+        flow.load_checkpoint(tmp_path / "a.pt")
+    flow.save_atomic({**torch.load(tmp_path / "a.pt", weights_only=True), "step": 6}, tmp_path / "b.pt")
+    assert flow.load_checkpoint(tmp_path / "b.pt")["step"] == 6  # a re-saved checkpoint gets a new checksum
+    torch.save({"step": 5}, tmp_path / "old.pt")  # written before checkpoints had a checksum
+    assert flow.load_checkpoint(tmp_path / "old.pt") == {"step": 5}
+
+
+def test_checksum_sees_every_leaf_and_not_the_key_order():
+    state = {"b": [torch.zeros(2), {"x": 1.5}], "a": ("text", None, torch.ones(1, dtype=torch.bfloat16))}
+    reference = flow.checksum(state)
+    assert flow.checksum(dict(reversed(state.items()))) == reference
+    for changed in ({**state, "a": ("text", None, torch.zeros(1, dtype=torch.bfloat16))},  # bytes
+                    {**state, "b": [torch.zeros(2), {"x": 1.25}]},  # plain data
+                    {**state, "b": [torch.zeros(1, 2), {"x": 1.5}]},  # shape
+                    {**state, "b": [torch.zeros(2, dtype=torch.float64), {"x": 1.5}]}):  # dtype
+        assert flow.checksum(changed) != reference
+
+
+def test_resume_falls_back_to_the_newest_valid_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step in (2, 4, 6):
+        state = {"step": step, "weight": torch.full((256,), float(step))}
+        flow.save_atomic(state, folder / f"step_{step:07d}.pt")
+    flip_bytes(folder / "step_0000006.pt", torch.full((256,), 6.0))
+    (folder / "step_0000004.pt").write_bytes((folder / "step_0000004.pt").read_bytes()[:300])  # cut short
+    path, checkpoint = flow.latest_valid_checkpoint(str(folder))
+    assert path.endswith("step_0000002.pt") and checkpoint["step"] == 2
+    note = capsys.readouterr().out.strip()
+    assert "\n" not in note and note.startswith(f"note: {folder}/step_0000006.pt is corrupted")
+    assert "step_0000004.pt cannot be read" in note and note.endswith(f"previous valid checkpoint {path}")
+    (folder / "step_0000002.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^error: --resume: no valid checkpoint in .*checkpoints \(.*6.pt "
+                                         r"is corrupted.*; .*2.pt cannot be read as a checkpoint \(\w+\)\)$"):
+        flow.latest_valid_checkpoint(str(folder))
+
+
+def test_remove_partial_saves_deletes_only_temporary_files(tmp_path):
+    (tmp_path / "step_0000002.pt").write_bytes(b"kept")
+    (tmp_path / "step_0000004.pt.123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "args.json.9.tmp").write_text("{")
+    flow.remove_partial_saves(str(tmp_path), str(tmp_path / "absent"))
+    assert os.listdir(tmp_path) == ["step_0000002.pt"]
+
+
+@pytest.mark.parametrize("target", ["save_atomic", "atomic_file", "write_errors"])
+def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, target):
+    path = tmp_path / "step_0000004.pt"
+    flow.save_atomic({"step": 2}, path)
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as error:
+        if target == "save_atomic":
+            flow.save_atomic({"step": 4}, path)
+        elif target == "atomic_file":
+            with flow.atomic_file(path) as file:
+                file.write(b"half")
+                disk_full()
+        else:
+            with flow.write_errors(path):
+                disk_full()
+    assert str(error.value) == f"error: cannot write {path}: No space left on device"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+    beneath_a_file = tmp_path / "step_0000004.pt" / "parent" / "args.json"
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*parent/args.json: Not a directory$"), \
+            flow.atomic_file(beneath_a_file, "w") as file:
+        file.write("{}")
+
+
+def test_draw_examples_is_a_function_of_seed_step_and_index():
+    noise, t, u = flow.draw_examples(3, 7, 6, (2, 2), uniforms=2)
+    assert noise.shape == (6, 2, 2) and t.shape == (6,) and u.shape == (6, 2)
+    torch.manual_seed(123)  # the global generator plays no part
+    again = flow.draw_examples(3, 7, 4, (2, 2), uniforms=2)
+    for whole, part in zip((noise, t, u), again):
+        assert torch.equal(whole[:4], part)  # an example's draws do not depend on the batch size
+    other_step, other_seed = flow.draw_examples(3, 8, 6, (2, 2))[0], flow.draw_examples(4, 7, 6, (2, 2))[0]
+    assert not torch.equal(other_step, noise) and not torch.equal(other_seed, noise)
+    assert not torch.equal(noise[0], noise[1]) and (0 < t).all() and (t < 1).all()
+    big, logit_t, _ = flow.draw_examples(0, 0, 4000, (1,), "logit-normal")
+    assert abs(big.mean()) < 0.06 and abs(big.std() - 1) < 0.05
+    assert abs(torch.logit(logit_t).std() - 1) < 0.05  # t = sigmoid(N(0, 1))
+
+
 def test_rng_state_round_trip_repeats_every_generator(tmp_path):
     import random
 
@@ -344,7 +458,7 @@ def test_load_checkpoint_round_trips_and_names_bad_files(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at .*missing.pt"):
         flow.load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*bad.pt \(\w+\)"):
+    with pytest.raises(SystemExit, match=r"^error: .*bad.pt cannot be read as a checkpoint \(\w+\)$"):
         flow.load_checkpoint(tmp_path / "bad.pt")
 
 
