@@ -38,6 +38,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -88,10 +89,14 @@ def read_imagenet_npz(path):
     """One npz batch -> uint8 (N, 3, S, S) images and labels 0..999 (the files store 1..1000)."""
     try:
         with np.load(path) as batch:
-            data, labels = batch["data"], np.asarray(batch["labels"], dtype=np.int64)
-    except (OSError, ValueError, KeyError) as error:
+            data, labels = batch["data"], np.asarray(batch["labels"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # empty, text, cut short
         raise SystemExit(f"error: {path} is not a Downsampled ImageNet npz batch with 'data' and 'labels' "
                          f"({type(error).__name__}: {error})") from None
+    if labels.dtype.kind not in "iu":  # float labels may hold NaN, which would cast to nonsense classes
+        nan = labels.dtype.kind == "f" and not np.isfinite(labels).all()
+        raise SystemExit(f"error: {path}: 'labels' are {labels.dtype}{' with NaN or inf' * nan}, "
+                         "not integers")
     side = round(math.sqrt(data.shape[-1] / 3)) if data.ndim == 2 else 0
     if (data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1]
             or len(labels) != len(data)):
@@ -100,7 +105,7 @@ def read_imagenet_npz(path):
     if labels.min() < 1 or labels.max() > 1000:
         raise SystemExit(f"error: {path}: labels must lie in 1..1000, got {labels.min()}..{labels.max()}")
     images = torch.from_numpy(data).reshape(-1, 3, side, side)  # the release stores CHW, flattened
-    return images, torch.from_numpy(labels - 1)
+    return images, torch.from_numpy(labels.astype(np.int64) - 1)
 
 
 def image_folder(path, image_size):
@@ -110,10 +115,34 @@ def image_folder(path, image_size):
     transform = transforms.Compose([
         transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return datasets.ImageFolder(path, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise SystemExit(f"error: {path} is not an image folder with one subfolder per class "
                          f"({error})") from None
+
+
+class UnreadableImage(ValueError):
+    """An image file PIL cannot read (corrupt, cut short). Raised in a DataLoader worker, it reaches the
+    main process with the worker's traceback in its message: the last line is the message itself."""
+
+
+def read_image(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise UnreadableImage(f"error: cannot read image {path} ({type(error).__name__}: {error})") from None
+
+
+def stop_on_unreadable_images(batches):
+    """Yield from `batches`; an UnreadableImage stops the run with its one-line message."""
+    try:
+        yield from batches
+    except UnreadableImage as error:
+        last = str(error).strip().splitlines()[-1]
+        raise SystemExit(last[last.find("error: "):]) from None
 
 
 def image_batches(args, rank, world_size, batch_size=256):
@@ -150,7 +179,7 @@ def image_batches(args, rank, world_size, batch_size=256):
     share = np.array_split(np.arange(len(dataset)), world_size)[rank].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size,
                                          num_workers=args.workers)
-    return iter(loader), len(dataset.dataset.classes)
+    return stop_on_unreadable_images(loader), len(dataset.dataset.classes)
 
 
 def load_pixels(args):
@@ -177,7 +206,9 @@ def encode_to_cache(args, cache, rank, world_size, device):
         progress.set_postfix(images_per_s=f"{done * world_size / (time.perf_counter() - start):.0f}")
     if latents:  # a rank may get no share (more processes than npz files)
         for name, parts in (("latents", latents), ("flipped", flipped), ("labels", labels)):
-            np.save(os.path.join(cache, f"{name}_rank{rank}.npy"), torch.cat(parts).numpy())
+            path = os.path.join(cache, f"{name}_rank{rank}.npy")
+            with flow.write_errors(path):
+                np.save(path, torch.cat(parts).numpy())
     return num_classes
 
 
@@ -205,7 +236,8 @@ def load_latents(args, rank, world_size, device):
     wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "vae": args.vae,
               "image_size": args.image_size}
     if not os.path.isfile(info_path):
-        os.makedirs(cache, exist_ok=True)
+        with flow.write_errors(cache):
+            os.makedirs(cache, exist_ok=True)
         num_classes = encode_to_cache(args, cache, rank, world_size, device)
         barrier()
         if rank == 0:
@@ -236,6 +268,8 @@ def load_latents(args, rank, world_size, device):
     labels = torch.from_numpy(read_cache(cache, "labels", info["world_size"])[:count])
     mean, std = (torch.tensor(info[key]).reshape(-1, 1, 1) for key in ("latent_mean", "latent_std"))
     x = (torch.from_numpy(np.concatenate([latents, flipped])) - mean) / std
+    if not torch.isfinite(x).all():  # an autoencoder that diverged, or a damaged cache
+        raise SystemExit(f"error: latent cache {cache} holds NaN or inf values: delete it to encode again")
     return x, torch.cat([labels, labels]), info["num_classes"], {"latent_mean": info["latent_mean"],
                                                                     "latent_std": info["latent_std"]}
 
@@ -258,9 +292,8 @@ def to_model_space(x):
 
 class BatchOrder:
     """Which data indices form global batch `step`: one random permutation per epoch (seeded by
-    the seed and the epoch, the same on every rank), read in order. A function of the step alone,
-    so a resumed run reads exactly the batches the uninterrupted run would have read, and the same
-    for any number of processes; each rank then takes its contiguous slice (DistributedSampler-like)."""
+    the seed and the epoch), read in order. A function of the step alone, so a resumed run reads
+    exactly the batches the uninterrupted run would have read, for any number of processes."""
 
     def __init__(self, size, global_batch, seed):
         self.size, self.global_batch, self.seed = size, global_batch, seed
@@ -272,11 +305,37 @@ class BatchOrder:
             self.cached_epoch, self.cached_permutation = epoch, torch.randperm(self.size, generator=generator)
         return self.cached_permutation
 
-    def indices(self, step, rank, world_size):
-        per_rank = self.global_batch // world_size
-        start = step * self.global_batch + rank * per_rank
-        positions = torch.arange(start, start + per_rank)
-        return torch.stack([self.permutation(int(p) // self.size)[int(p) % self.size] for p in positions])
+    def indices(self, step):
+        positions = range(step * self.global_batch, (step + 1) * self.global_batch)
+        return torch.stack([self.permutation(p // self.size)[p % self.size] for p in positions])
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item `step`: this process's share of global batch `step`, ready to train on: x0 (B, C, H, W),
+    x1 (B, C, H, W), t (B,) and the labels the network sees (B,).
+
+    A pure function of (seed, step): the data come from BatchOrder; each example's prior noise, time and
+    dropout decisions from its own generator (flow.draw_examples); OT pairs over the whole global batch,
+    which every process computes alike before taking its slice. So 1 or N processes, any micro-batch
+    split and a resume on another number of processes train on the same pairs. Read by a DataLoader
+    with --workers workers, the scipy assignment runs off the training step's critical path."""
+
+    def __init__(self, x, y, prior, args, num_classes, rank, world_size):
+        self.x, self.y, self.prior, self.args, self.num_classes = x, y, prior, args, num_classes
+        self.order = BatchOrder(len(x), args.global_batch, args.seed)
+        share = args.global_batch // world_size
+        self.share = slice(rank * share, (rank + 1) * share)  # contiguous, as DistributedSampler
+
+    def __len__(self):
+        return self.args.steps
+
+    def __getitem__(self, step):
+        index = self.order.indices(step)
+        x1 = to_model_space(self.x[index])
+        noise, t, uniforms = flow.draw_examples(self.args.seed, step, len(index), x1.shape[1:],
+                                                self.args.time_schedule, uniforms=2)
+        x0, labels = sample_pairs(self.prior, x1, self.y[index], noise, uniforms, self.num_classes, self.args)
+        return x0[self.share], x1[self.share], t[self.share], labels[self.share]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,9 +473,8 @@ def barrier():
 
 
 def save_json(obj, path):
-    with open(f"{path}.tmp", "w") as file:
+    with flow.atomic_file(path, "w") as file:
         json.dump(obj, file, indent=2)
-    os.replace(f"{path}.tmp", path)
 
 
 def ema_decay(step, args):
@@ -425,8 +483,9 @@ def ema_decay(step, args):
     return min(args.ema_decay, (1 + step) / (10 + step))
 
 
-def sample_pairs(prior, x1, y, num_classes, args):
-    """Prior samples x0 paired with the data x1, and the labels the network sees.
+def sample_pairs(prior, x1, y, noise, uniforms, num_classes, args):
+    """Prior samples x0 (from `noise`) paired with the data x1, and the labels the network sees; the
+    two `uniforms` (B, 2) of each example decide its label dropout and, if dropped, its prior class.
 
     Classifier-free guidance: each label is dropped to the null class with probability
     --cfg-dropout. The dropped sample's x0 comes from the prior of a random class drawn by class
@@ -435,12 +494,14 @@ def sample_pairs(prior, x1, y, num_classes, args):
     lies, so v_null ~ v_c and guidance has little to amplify: on the digits guidance then barely
     changes the samples, while with `mixture` it improves FD at NFE 4 (docs/train_class.md).
     """
-    dropped = torch.rand(len(y), device=y.device) < args.cfg_dropout
+    dropped = uniforms[:, 0] < args.cfg_dropout
     prior_labels = y
     if args.prior == "class" and args.cfg_null_prior == "mixture" and args.cfg_dropout > 0:
-        random_classes = torch.multinomial(prior.counts.float(), len(y), replacement=True).to(y.device)
-        prior_labels = torch.where(dropped, random_classes, y)
-    x0 = prior.sample(prior_labels)
+        # A class drawn by frequency: the uniform inverted through the cumulative class frequencies.
+        frequencies = prior.counts.cpu().cumsum(0) / prior.counts.sum().cpu()
+        random_classes = torch.searchsorted(frequencies, uniforms[:, 1].double(), right=True)
+        prior_labels = torch.where(dropped, random_classes.clamp_max(num_classes - 1), y)
+    x0 = prior.sample(prior_labels, noise)
     # With the class prior each x0 belongs to its class: OT may only re-pair within a class.
     x0 = flow.couple(x0, x1, args.coupling, groups=prior_labels if args.prior == "class" else None)
     labels = torch.where(dropped, torch.full_like(y, num_classes), y)
@@ -454,24 +515,24 @@ def autocast(args, device):
     return nullcontext()
 
 
-def train_step(step, model, forward, optimizer, prior, x, y, order, config, args, rank, world_size, device):
-    """One optimizer step on global batch `step`, accumulated over micro-batches of at most
-    --max-batch-per-gpu; returns (loss, transport cost, gradient norm) of this rank."""
-    index = order.indices(step, rank, world_size)
-    micro_batches = index.split(args.max_batch_per_gpu)
+def train_step(step, batch, model, forward, optimizer, args, world_size, device):
+    """One optimizer step on this process's share `batch` of global batch `step` (from TrainingBatches),
+    accumulated over micro-batches of at most --max-batch-per-gpu; returns (loss, transport cost,
+    gradient norm), the first two over this share."""
+    size = len(batch[0])
+    micro_batches = list(zip(*(part.split(args.max_batch_per_gpu) for part in batch)))
     total_loss = total_cost = 0.0
     for i, micro in enumerate(micro_batches):
-        x1, labels = to_model_space(x[micro]).to(device), y[micro].to(device)
-        x0, cond = sample_pairs(prior, x1, labels, config["num_classes"], args)  # OT within each micro-batch
+        x0, x1, t, labels = (part.to(device, non_blocking=True) for part in micro)
         # DDP all-reduces gradients only on the last micro-batch.
         sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
         with sync:
             # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
             with autocast(args, device):
-                loss = flow.flow_matching_loss(forward, x0, x1, cond, args.time_schedule)
-            (loss * len(micro) / len(index)).backward()  # the mean over this rank's whole batch
-        total_loss += loss.item() * len(micro) / len(index)
-        total_cost += flow.transport_cost(x0, x1) * len(micro) / len(index)
+                loss = flow.flow_matching_loss(forward, x0, x1, labels, t=t)
+            (loss * len(x1) / size).backward()  # the mean over this process's whole share
+        total_loss += loss.item() * len(x1) / size
+        total_cost += flow.transport_cost(x0, x1) * len(x1) / size
     for group in optimizer.param_groups:
         group["lr"] = flow.warmup_lr(args.lr, step, args.warmup_steps)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # clip BEFORE the step
@@ -484,16 +545,63 @@ def train_step(step, model, forward, optimizer, prior, x, y, order, config, args
 
 
 def save_checkpoint(args, config, step, model, ema, optimizer, prior, rank):
-    rng = flow.gather_rng_states()
+    """No random generator states: every batch is a pure function of (seed, step) (TrainingBatches)."""
     if rank == 0:
         checkpoint = {"kind": "class", "args": vars(args), "config": config, "model": model.state_dict(),
                       "ema": ema.state_dict(), "opt": optimizer.state_dict(), "step": step,
-                      "prior": prior.state_dict(), "rng": rng}
+                      "prior": prior.state_dict()}
         flow.save_atomic(checkpoint, os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt"))
 
 
-def resume(latest, checkpoint, args, config, model, ema, optimizer, rank, world_size):
-    """Continue from `checkpoint` (read from file `latest`) if it matches this run; return its step."""
+def checkpoint_to_resume(args, rank):
+    """(path, checkpoint) that --resume continues, else (None, None). The newest checkpoint that loads
+    and passes its checks: a newer, corrupted one is skipped, with one line. Temporary files of writes
+    that a crash interrupted are removed first."""
+    folder = os.path.join(args.out, "checkpoints")
+    if rank == 0:
+        flow.remove_partial_saves(args.out, folder)
+    flow.refuse_overwrite(args.out, [flow.latest_checkpoint(folder)], args.resume)
+    if not args.resume:
+        return None, None
+    latest, checkpoint = flow.latest_valid_checkpoint(folder)
+    if checkpoint["step"] >= args.steps:
+        raise SystemExit(f"error: --resume: {latest} is already at step {checkpoint['step']}: "
+                         f"--steps {args.steps} leaves nothing to train")
+    return latest, checkpoint
+
+
+def start_outputs(args, step):
+    """The output folders, args.json, and a log holding only the lines up to `step` (a resumed run
+    writes the later ones again; a fresh run starts an empty log)."""
+    for folder in (args.out, os.path.join(args.out, "checkpoints"), os.path.join(args.out, "samples")):
+        with flow.write_errors(folder):
+            os.makedirs(folder, exist_ok=True)
+    save_json(vars(args), os.path.join(args.out, "args.json"))
+    flow.trim_log(os.path.join(args.out, "log.jsonl"), lambda record: record["step"] <= step)
+
+
+def write_log(args, done, sums, start, grad_norm, rank, world_size, device):
+    """One log.jsonl line (rank 0) with the means over the global batches since the last line (at time
+    `start`): `sums` (loss, transport cost, steps) is all-reduced over the processes. Returns the loss."""
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss_sum, cost_sum, count = sums.tolist()
+    lr, elapsed = flow.warmup_lr(args.lr, done - 1, args.warmup_steps), time.perf_counter() - start
+    record = {"step": done, "loss": loss_sum / count, "lr": lr,
+              "images_per_s": args.global_batch * count / world_size / elapsed,
+              "transport_cost": cost_sum / count, "grad_norm": grad_norm}
+    if device.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rank == 0:
+        with flow.write_errors(log_path), open(log_path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+    return record["loss"]
+
+
+def resume(latest, checkpoint, args, config, model, ema, optimizer):
+    """Continue from `checkpoint` (read from file `latest`) if it matches this run; return its step.
+    Exact on any number of processes: the batches after it depend on (seed, step) alone."""
     saved = checkpoint.get("args", {})
     for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
@@ -506,13 +614,6 @@ def resume(latest, checkpoint, args, config, model, ema, optimizer, rank, world_
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["opt"])
-    if len(checkpoint["rng"]) == world_size:
-        flow.set_rng_state(checkpoint["rng"][rank])
-    else:  # other processes: their saved noise streams do not map onto these ranks
-        torch.manual_seed(hash((args.seed, rank, checkpoint["step"])) % 2**63)
-        if rank == 0:
-            print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: "
-                  "same data order, new noise")
     return checkpoint["step"]
 
 
@@ -532,8 +633,9 @@ def save_sample_grids(args, config, step, ema, prior, decode, device):
         images = decode(flow.solve(velocity, x0, nfe, "euler").x)
         if images.shape[-1] < 32:  # 8x8 digits: enlarge (nearest) so the grid is readable
             images = F.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
-        save_image((images + 1) / 2, os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png"),
-                   nrow=8)
+        path = os.path.join(args.out, "samples", f"step_{step:07d}_nfe_{nfe}.png")
+        with flow.write_errors(path):
+            save_image((images + 1) / 2, path, nrow=8)
 
 
 def make_decoder(vae, config, device):
@@ -559,12 +661,7 @@ def main(args):
     if args.global_batch % world_size:
         raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
                          f"{world_size} processes")
-    latest = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
-    flow.refuse_overwrite(args.out, [latest], args.resume)
-    checkpoint = flow.load_checkpoint(latest) if args.resume else None
-    if checkpoint and checkpoint["step"] >= args.steps:  # checked before any data is read
-        raise SystemExit(f"error: --resume: {latest} is already at step {checkpoint['step']}: "
-                         f"--steps {args.steps} leaves nothing to train")
+    latest, checkpoint = checkpoint_to_resume(args, rank)  # before any data is read
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -581,48 +678,30 @@ def main(args):
     model = build_model(args, config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    if checkpoint:
-        step = resume(latest, checkpoint, args, config, model, ema, optimizer, rank, world_size)
-    if step == 0:
-        torch.manual_seed(args.seed + rank)  # noise (prior samples, t, label dropout) differs by rank
+    step = resume(latest, checkpoint, args, config, model, ema, optimizer) if checkpoint else 0
     forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(forward) if args.compile else forward
-    order = BatchOrder(len(x), args.global_batch, args.seed)
+    # Batches are prepared on the CPU, in --workers processes (0: this one), a few steps ahead.
+    batches = TrainingBatches(x, y, copy.deepcopy(prior).cpu(), args, num_classes, rank, world_size)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
     decode = make_decoder(args.vae, config, device)
-    log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
-        os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        save_json(vars(args), os.path.join(args.out, "args.json"))
-        # Resumed: drop the log lines after the checkpoint.
-        flow.trim_log(log_path, lambda record: record["step"] <= step)
+        start_outputs(args, step)
         print(f"{len(x)} training examples of shape {config['latent_shape']}, {num_classes} classes, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{world_size} process(es) on {device}")
 
     sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
     progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0 or args.quiet)
-    for step in progress:
-        loss, cost, grad_norm = train_step(step, model, forward, optimizer, prior, x, y, order, config, args,
-                                           rank, world_size, device)
+    for step, batch in zip(progress, loader):
+        loss, cost, grad_norm = train_step(step, batch, model, forward, optimizer, args, world_size, device)
         flow.update_ema(ema, model, ema_decay(step, args))
         sums += torch.tensor([loss, cost, 1.0], dtype=torch.float64)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            if world_size > 1:
-                dist.all_reduce(sums)
-            elapsed, (loss_sum, cost_sum, count) = time.perf_counter() - start, sums.tolist()
-            record = {"step": done, "loss": loss_sum / count,
-                      "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
-                      "images_per_s": args.global_batch * count / world_size / elapsed,
-                      "transport_cost": cost_sum / count, "grad_norm": grad_norm}
-            if device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                with open(log_path, "a") as file:
-                    file.write(json.dumps(record) + "\n")
+            loss = write_log(args, done, sums, start, grad_norm, rank, world_size, device)
+            progress.set_postfix(loss=f"{loss:.4f}")
             sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
         # The checkpoint first: a failing sample grid must not lose the training since the last one.
         if done % args.ckpt_every == 0 or done == args.steps:
@@ -688,8 +767,9 @@ def parse_args(argv=None):
              "or a folder with taef2_encoder.pth and taef2_decoder.pth")
     add("--latent-cache", default=None,
         help="folder for the encoded latents (default OUT/latents); share it between runs")
-    add("--workers", type=int, default=4,
-        help="image-reading workers while building an ImageFolder latent cache")
+    add("--workers", type=int, default=2,
+        help="DataLoader workers that prepare the training batches (prior samples, t, dropout, OT pairs) "
+             "and read ImageFolder images for the latent cache; 0: in the main process")
     # Model and method.
     add("--model", default="tiny", choices=list(MODELS), help="DiT size preset")
     add("--patch-size", type=int, default=2, help="DiT patch side in latent pixels")
@@ -766,6 +846,11 @@ def check_args(parser, args):
         parser.error("--sample-nfe must be positive, --workers >= 0, --ema-decay in [0, 1)")
     if os.path.isfile(args.out):
         parser.error(f"--out {args.out} is an existing file, not a folder")
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):  # the folder that --out will be made in
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+        parser.error(f"--out {args.out}: {existing} is not a writable folder")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 ImageFolder, Fashion-MNIST idx), the latent cache and its per-channel normalisation (SD VAE and TAEF2,
 random weights written here), bad input, and the load_for_sampling contract of sample.py. All on CPU
 with tiny settings."""
+import errno
 import gzip
 import hashlib
 import json
@@ -20,7 +21,8 @@ import flow
 import train_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--global-batch", "16", "--log-every", "1", "--sample-nfe", "1", "--warmup-steps", "2", "--quiet"]
+TINY = ["--global-batch", "16", "--log-every", "1", "--sample-nfe", "1", "--warmup-steps", "2", "--quiet",
+        "--workers", "0"]
 
 
 def train(out, *options):
@@ -100,7 +102,8 @@ def test_run_writes_everything(digits_run):
     assert {"step_0000004_nfe_1.png", "step_0000004_nfe_2.png"} <= set(os.listdir(digits_run / "samples"))
     checkpoint = load(digits_run / "checkpoints" / "step_0000004.pt")
     assert checkpoint["kind"] == "class" and checkpoint["step"] == 4
-    assert {"model", "ema", "opt", "args", "prior", "rng"} <= checkpoint.keys()
+    assert {"model", "ema", "opt", "args", "prior", "checksum"} <= checkpoint.keys()
+    assert "rng" not in checkpoint  # nothing to restore: batches are a function of (seed, step)
     assert checkpoint["config"] == {"num_classes": 10, "latent_shape": [1, 8, 8]}  # pixels: no latent stats
     assert not torch.equal(checkpoint["model"]["out.weight"], checkpoint["ema"]["out.weight"])
 
@@ -130,29 +133,77 @@ def test_resume_equals_uninterrupted(tmp_path, digits_run):
     assert steps == [1, 2, 3, 4]
 
 
-def test_torchrun_two_processes_match_single_process_means(tmp_path, digits_run):
-    out = tmp_path / "ddp"
+# ----------------------------------------------------------------------------------------------
+# A batch is a pure function of (seed, step): 1 or 2 processes, any micro-batch split, any number of
+# DataLoader workers and a resume on another number of processes train on the same batches.
+
+PURE = ["--steps", 10, "--ckpt-every", 5, "--sample-every", 10, "--coupling", "ot", "--cfg-dropout", 0.3]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    train(out, *PURE, "--max-batch-per-gpu", 4, "--workers", 2)  # 4 micro-batches of 4, 2 workers
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_processes") / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "train_class.py", "--out", str(out), *TINY, "--steps", "2", "--sample-every", "2"]
+               "train_class.py", "--out", str(out), *TINY, *map(str, PURE), "--workers", "1"]  # 8 per process
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    checkpoint = load(out / "checkpoints" / "step_0000002.pt")
-    single = load(digits_run / "checkpoints" / "step_0000004.pt")["prior"]
-    torch.testing.assert_close(checkpoint["prior"]["means"], single["means"], rtol=0, atol=1e-6)
-    assert torch.equal(checkpoint["prior"]["counts"], single["counts"])  # every image counted once
-    assert len(checkpoint["rng"]) == 2
-    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]  # rank 0 only
+    return out
 
 
-def test_batch_order_covers_each_epoch_and_does_not_depend_on_world_size():
+def test_one_and_two_processes_train_on_the_same_batches(one_process_run, two_process_run):
+    """The logged loss is the mean over the global batch, and both runs see the same x0, t and pairs."""
+    assert len(losses(two_process_run)) == 10  # rank 0 alone writes the log
+    np.testing.assert_allclose(losses(two_process_run), losses(one_process_run), rtol=0, atol=1e-4)
+    one, two = (load(out / "checkpoints" / "step_0000010.pt") for out in (one_process_run, two_process_run))
+    torch.testing.assert_close(two["prior"]["means"], one["prior"]["means"], rtol=0, atol=1e-6)
+    assert torch.equal(two["prior"]["counts"], one["prior"]["counts"])  # every image counted once
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, rtol=0, atol=1e-4)
+
+
+def test_resume_on_one_process_continues_a_two_process_run(tmp_path, one_process_run, two_process_run):
+    shutil.copytree(two_process_run, tmp_path / "run")
+    os.remove(tmp_path / "run" / "checkpoints" / "step_0000010.pt")
+    train(tmp_path / "run", *PURE, "--resume")  # from step 5, on one process
+    np.testing.assert_allclose(losses(tmp_path / "run"), losses(one_process_run), rtol=0, atol=1e-4)
+    assert losses(tmp_path / "run")[:5] == losses(two_process_run)[:5]  # kept from the two-process run
+
+
+def test_training_batches_are_the_same_for_any_processes_and_workers(digits_run):
+    args = train_class.parse_args(["--coupling", "ot", "--cfg-dropout", "0.5", "--global-batch", "12"])
+    x, y, num_classes = train_class.load_digits_train()
+    prior = train_class.build_prior(args, {"num_classes": num_classes, "latent_shape": [1, 8, 8]})
+    train_class.fit_class_prior(prior, x, y, 0, 1, torch.device("cpu"))
+    batches = [train_class.TrainingBatches(x, y, prior, args, num_classes, rank, world_size)
+               for rank, world_size in ((0, 1), (0, 3), (1, 3), (2, 3))]
+    whole, *shares = (batch[7] for batch in batches)
+    for part, parts in zip(whole, zip(*shares)):
+        assert torch.equal(part, torch.cat(parts))
+    loader = torch.utils.data.DataLoader(batches[0], batch_size=None, sampler=range(6, 8), num_workers=2)
+    for part, again in zip(whole, list(loader)[1]):
+        assert torch.equal(part, again)
+    index = batches[0].order.indices(7)
+    assert torch.equal(whole[1], x[index])  # x1: the data of the batch, in order
+    kept = whole[3] < num_classes
+    assert torch.equal(whole[3][kept], y[index][kept]) and 0 < kept.sum() < 12
+
+
+def test_batch_order_covers_each_epoch():
     order = train_class.BatchOrder(size=10, global_batch=4, seed=3)
-    first_epochs = torch.cat([order.indices(step, 0, 1) for step in range(5)])  # 20 positions = 2 epochs
+    first_epochs = torch.cat([order.indices(step) for step in range(5)])  # 20 positions = 2 epochs
     assert sorted(first_epochs[:10].tolist()) == list(range(10)) == sorted(first_epochs[10:].tolist())
-    two_ranks = torch.cat([order.indices(7, rank, 2) for rank in range(2)])
-    assert torch.equal(two_ranks, order.indices(7, 0, 1))
 
 
 def test_dit_starts_at_zero_velocity_and_keeps_shape():
@@ -455,9 +506,10 @@ def test_checkpoint_is_written_before_the_sample_grids(tmp_path, monkeypatch):
 @pytest.mark.parametrize("schedule", ["uniform", "logit-normal"])
 def test_time_schedule_reaches_the_loss(tmp_path, monkeypatch, schedule):
     seen, loss = [], flow.flow_matching_loss
-    monkeypatch.setattr(flow, "flow_matching_loss", lambda *a, **k: seen.append(a[4]) or loss(*a, **k))
-    train(tmp_path, "--steps", 1, "--time-schedule", schedule)
-    assert seen == [schedule]
+    monkeypatch.setattr(flow, "flow_matching_loss", lambda *a, **k: seen.append(k["t"]) or loss(*a, **k))
+    train(tmp_path, "--steps", 1, "--time-schedule", schedule, "--max-batch-per-gpu", 8)
+    expected = flow.draw_examples(0, 0, 16, (1, 8, 8), schedule)[1]  # seed 0, step 0
+    assert torch.equal(torch.cat(seen), expected)
 
 
 def test_patch_size_sets_the_tokens(tmp_path):
@@ -506,19 +558,118 @@ def test_load_for_sampling_refuses_missing_and_foreign_files(tmp_path):
         train_class.load_for_sampling(str(tmp_path / "text.pt"), "cpu")
 
 
-@pytest.mark.parametrize("case", ["no labels", "label 0", "label 1001", "not npz", "no batch files"])
+@pytest.mark.parametrize("case", ["no labels", "label 0", "label 1001", "not npz", "no batch files",
+                                  "empty file", "cut short", "NaN label", "inf label", "float labels"])
 def test_bad_data_is_a_one_line_error(tmp_path, case):
     data = tmp_path / "data"
     os.makedirs(data)
+    path = data / "train_data_batch_1.npz"
     if case == "no labels":
-        np.savez(data / "train_data_batch_1.npz", data=np.zeros((2, 192), np.uint8))
+        np.savez(path, data=np.zeros((2, 192), np.uint8))
     elif case.startswith("label"):
-        write_imagenet_batch(data / "train_data_batch_1.npz", labels=[1, int(case.split()[1])])
+        write_imagenet_batch(path, labels=[1, int(case.split()[1])])
     elif case == "not npz":
         (data / "train_data_batch_1").write_text("hello")
-    one_line_error("^error: ", tmp_path / "out", "--data", "imagenet64", "--data-root", data,
-                   "--prior", "gaussian")
+    elif case == "empty file":
+        path.write_bytes(b"")
+    elif case == "cut short":
+        write_imagenet_batch(path, labels=[1, 2])
+        path.write_bytes(path.read_bytes()[:300])
+    elif case != "no batch files":
+        label = {"NaN label": np.nan, "inf label": np.inf, "float labels": 2.0}[case]
+        np.savez(path, data=np.zeros((2, 192), np.uint8), labels=np.array([1.0, label]))
+    message = one_line_error("^error: ", tmp_path / "out", "--data", "imagenet64", "--data-root", data,
+                             "--prior", "gaussian")
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
+    assert ("with NaN or inf, not integers" in message) == (case in ("NaN label", "inf label"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_a_one_line_error(tmp_path, workers):
+    write_image_folder(tmp_path / "tree")
+    broken = tmp_path / "tree" / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # cut short, as by a failed copy
+    message = one_line_error("^error: cannot read image ", tmp_path / "out", "--data", "image-folder",
+                             "--data-root", tmp_path / "tree", "--image-size", 8, "--workers", workers)
+    assert str(broken) in message
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_a_latent_cache_with_nan_is_refused(fashion, tmp_path):
+    root, options = fashion
+    shutil.copytree(root / "cache", tmp_path / "cache")
+    latents = np.load(tmp_path / "cache" / "latents_rank0.npy")
+    latents[3, 1, 2, 2] = np.nan
+    np.save(tmp_path / "cache" / "latents_rank0.npy", latents)
+    options = [str(option) for option in options]
+    options[options.index("--latent-cache") + 1] = str(tmp_path / "cache")
+    one_line_error(f"^error: latent cache {tmp_path / 'cache'} holds NaN or inf values: delete it",
+                   tmp_path / "out", *options, "--steps", 1)
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: corrupted ones are skipped on resume, temporary files of interrupted writes removed,
+# and a failed write is one line that keeps the previous checkpoint.
+
+
+def test_resume_skips_a_corrupted_checkpoint_and_removes_partial_writes(tmp_path, digits_run, capsys):
+    shutil.copytree(digits_run, tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step_0000004.pt"
+    weight = load(newest)["model"]["out.weight"]
+    data = bytearray(newest.read_bytes())
+    start = data.find(weight.numpy().tobytes())
+    data[start:start + 64] = bytes(255 - b for b in data[start:start + 64])  # flipped bytes: loads silently
+    newest.write_bytes(bytes(data))
+    partial = [newest.parent / "step_0000006.pt.4242.tmp", tmp_path / "run" / "args.json.7.tmp"]
+    for path in partial:
+        path.write_bytes(b"cut short by a crash")
+    with pytest.raises(SystemExit, match=f"^error: {newest} is corrupted"):
+        train_class.load_for_sampling(str(tmp_path / "run"), "cpu")
+    capsys.readouterr()
+    train(tmp_path / "run", "--steps", 4, "--ckpt-every", 2, "--sample-every", 2, "--coupling", "ot",
+          "--cfg-dropout", 0.3, "--resume")
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == [(f"note: {newest} is corrupted (its contents do not match their checksum): refused: "
+                     f"resuming from the previous valid checkpoint {newest.parent / 'step_0000002.pt'}")]
+    assert not any(path.exists() for path in partial)
+    resumed = load(newest)["model"]
+    assert_same_state(resumed, load(digits_run / "checkpoints" / "step_0000004.pt")["model"])  # from step 2
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train(tmp_path, "--steps", 2)
+    before = digest(tmp_path / "checkpoints" / "step_0000002.pt")
+    monkeypatch.setattr(torch, "save", disk_full)
+    message = one_line_error("No space left", tmp_path, "--steps", 4, "--resume")
+    path = tmp_path / "checkpoints" / "step_0000004.pt"
+    assert message == f"error: cannot write {path}: No space left on device"
+    assert os.listdir(tmp_path / "checkpoints") == ["step_0000002.pt"]
+    assert digest(tmp_path / "checkpoints" / "step_0000002.pt") == before
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "args.json"])
+def test_a_failed_log_or_args_write_is_one_line(tmp_path, monkeypatch, name):
+    def failing_open(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(tmp_path / name)) and mode != "r":
+            disk_full()
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train_class, "open", failing_open, raising=False)
+    monkeypatch.setattr(flow, "open", failing_open, raising=False)
+    message = one_line_error("No space left", tmp_path, "--steps", 2)
+    assert message == f"error: cannot write {tmp_path / name}: No space left on device"
+    assert not os.path.exists(tmp_path / "checkpoints" / "step_0000002.pt")
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_data_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    message = argparse_error(capsys, ["--out", str(tmp_path / "file" / "run")])
+    assert f"{tmp_path / 'file'} is not a writable folder" in message
 
 
 def test_missing_data_root_is_an_argparse_error(tmp_path, capsys):
@@ -565,7 +716,8 @@ def test_pairs_keep_each_conditioned_sample_on_its_class_prior(null_prior):
     y = torch.arange(4).repeat(100)
     x1 = torch.randn(400, 1, 2, 2) + 3 * y[:, None, None, None]
     train_class.fit_class_prior(prior, x1, y, 0, 1, torch.device("cpu"))
-    x0, labels = train_class.sample_pairs(prior, x1, y, 4, args)
+    noise, _, uniforms = flow.draw_examples(0, 0, 400, (1, 2, 2), uniforms=2)
+    x0, labels = train_class.sample_pairs(prior, x1, y, noise, uniforms, 4, args)
     source = torch.cdist(x0.flatten(1), prior.means.flatten(1)).argmin(1)  # which class mean x0 sits on
     kept = labels < 4
     assert 100 < kept.sum() < 300 and torch.equal(labels[kept], y[kept]) and (labels[~kept] == 4).all()
@@ -585,7 +737,8 @@ def test_ot_pairs_optimally_within_each_class():
     y = torch.arange(3).repeat(20)
     x1 = torch.randn(60, 1, 2, 2) + 3 * y[:, None, None, None]
     train_class.fit_class_prior(prior, x1, y, 0, 1, torch.device("cpu"))
-    x0, labels = train_class.sample_pairs(prior, x1, y, 3, args)
+    noise, _, uniforms = flow.draw_examples(1, 0, 60, (1, 2, 2), uniforms=2)
+    x0, labels = train_class.sample_pairs(prior, x1, y, noise, uniforms, 3, args)
     assert torch.equal(labels, y)
     independent = 0.0
     for c in range(3):
