@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import pickle
+import zipfile
 from unittest import mock
 
 import numpy as np
@@ -110,19 +111,38 @@ def load_image_folder(folder):
         raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {folder!r}")
     images = []
     for name in files:
-        with Image.open(os.path.join(folder, name)) as image:
-            images.append(np.asarray(image.convert("RGB")))  # gray and RGBA -> RGB, as pytorch-fid
+        try:
+            with Image.open(os.path.join(folder, name)) as image:
+                images.append(np.asarray(image.convert("RGB")))  # gray and RGBA -> RGB, as pytorch-fid
+        except OSError as error:  # PIL's UnidentifiedImageError and a file cut short are OSErrors
+            raise SystemExit(f"error: cannot read image {os.path.join(folder, name)} "
+                             f"({type(error).__name__}: {error})") from None
         if images[-1].shape != images[0].shape:
             raise SystemExit(f"error: mixed image sizes in {folder!r}: {files[0]} is {images[0].shape[1]}x"
                              f"{images[0].shape[0]}, {name} is {images[-1].shape[1]}x{images[-1].shape[0]}")
     return np.stack(images)
 
 
+def read_npz(path, what):
+    """Every array of npz file `path`, as a dict; one line if it is empty, not an npz, cut short, damaged
+    (zip CRC), holds pickled objects or NaN or inf: what it should hold, `what`, names it."""
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as error:  # TypeError: an .npy
+        raise SystemExit(f"error: {path} is not an npz file of {what} ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0][:100]})") from None
+    bad = [key for key, value in arrays.items() if value.dtype.kind in "fc" and not np.isfinite(value).all()]
+    if bad:  # statistics with NaN would give NaN metrics, or a LinAlgError deep in the Frechet distance
+        raise SystemExit(f"error: {path} holds NaN or inf values in {', '.join(bad)}: refused")
+    return arrays
+
+
 def load_image_npz(path):
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise SystemExit(f"error: {path} has keys {sorted(data.keys())} but no arr_0 (uint8 NHWC images)")
-        images, labels = data["arr_0"], data.get("arr_1")
+    data = read_npz(path, "images (arr_0 uint8 NHWC)")
+    if "arr_0" not in data:
+        raise SystemExit(f"error: {path} has keys {sorted(data.keys())} but no arr_0 (uint8 NHWC images)")
+    images, labels = data["arr_0"], data.get("arr_1")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) == 0:
         raise SystemExit(f"error: arr_0 in {path} is {images.dtype} {images.shape}, not uint8 (N>0, H, W, 3)")
     if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
@@ -212,7 +232,7 @@ def load_digits_cnn(cache_dir=None):
     path = os.path.join(cache_dir, f"digits_cnn_v{DIGITS_CNN_VERSION}.pt")
     model = DigitsCNN()
     if os.path.isfile(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(flow.load_checkpoint(path))  # checked against the checksum it was saved with
         return model.eval().requires_grad_(False)
     # One thread: the result then does not depend on the machine's thread count, and for a network
     # this small it is also faster than several threads contending for shared cores.
@@ -275,7 +295,11 @@ class FeatureSpace:
             for start in tqdm(range(0, len(images), batch_size), desc=self.name, disable=not progress):
                 batch = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size]))
                 out.append(self.network(batch.permute(0, 3, 1, 2).to(self.device)).double().cpu().numpy())
-        return np.concatenate(out)
+        features = np.concatenate(out)
+        if not np.isfinite(features).all():  # NaN weights: the metrics would be NaN
+            raise SystemExit(f"error: the {self.name} network gives NaN or inf features: are its weights "
+                             "finite?")
+        return features
 
 
 @contextlib.contextmanager
@@ -425,7 +449,7 @@ def save_reference(path, space, features, probe=None, accuracy=None):
         extra["probe_accuracy"] = accuracy["class_accuracy"]
         extra["probe_accuracy_per_class"] = np.array(list(accuracy["class_accuracy_per_class"].items()))
     mu, cov = gaussian_statistics(features)
-    with open(path, "wb") as file:  # a file object: np.savez would add .npz to another suffix
+    with flow.atomic_file(path) as file:  # a file object: np.savez would add .npz to another suffix
         np.savez(file, mu=mu, sigma=cov, features=features.astype(np.float32), feature_space=space.name,
                  fingerprint=space.fingerprint, metric=space.metric, protocol=space.protocol, **extra)
 
@@ -433,15 +457,10 @@ def save_reference(path, space, features, probe=None, accuracy=None):
 def load_reference(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: reference file {path} does not exist (make one with: python fid.py ref)")
-    try:
-        data = np.load(path)
-        found = set(data.keys())
-    except (ValueError, OSError, AttributeError):  # not an npz at all
-        raise SystemExit(f"error: {path} is not an npz file, not a reference written by fid.py ref") from None
-    with data:
-        if not {"mu", "sigma", "features", "feature_space", "fingerprint"} <= found:
-            raise SystemExit(f"error: {path} has keys {sorted(found)}, not a reference written by fid.py ref")
-        return {key: data[key] if data[key].ndim else data[key].item() for key in found}
+    data = read_npz(path, "reference statistics (fid.py ref)")
+    if not {"mu", "sigma", "features", "feature_space", "fingerprint"} <= data.keys():
+        raise SystemExit(f"error: {path} has keys {sorted(data)}, not a reference written by fid.py ref")
+    return {key: value if value.ndim else value.item() for key, value in data.items()}
 
 
 def check_reference(reference, space):
@@ -498,13 +517,15 @@ def clip_scores(model, processor, images, captions, batch_size=50, device="cpu")
 def write_json(result, path):
     print(json.dumps(result, indent=2))
     if path:
-        with open(path, "w") as file:
+        with flow.atomic_file(path, "w") as file:
             json.dump(result, file, indent=2)
 
 
 def command_ref(args, device):
     if os.path.exists(args.out) and not args.overwrite:
         raise SystemExit(f"error: {args.out} exists: pass --overwrite to replace it")
+    with flow.write_errors(args.out):  # before the features are computed, which may take long
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     name = args.feature_space or ("digits" if args.images == "builtin-digits" else "inception")
     space = load_feature_space(name, device, args.inception_weights)
     images, labels = load_labelled_images(args.images, args.split, args.max_images)
@@ -518,7 +539,6 @@ def command_ref(args, device):
         probe = fit_probe(train_features, train_labels) if is_rank_zero() else None
     if is_rank_zero():
         accuracy = class_accuracy(features, labels, probe) if probe and labels is not None else None
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save_reference(args.out, space, features, probe, accuracy)
         probe_text = f"; probe fit on {probe['probe_num_train']} images" if probe else ""
         probe_text += f", class accuracy here {accuracy['class_accuracy']:.4f}" if accuracy else ""

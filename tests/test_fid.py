@@ -5,8 +5,10 @@ weights (one state dict, shaped like pt_inception-2015-12-05-6726825d.pth) into 
 network through fid.py's --inception-weights path, into pytorch-fid's own loading, and into
 torch-fidelity's. The EfficientNet-Lite0 weights ship in a pip package, so its tests use the real ones.
 """
+import errno
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -427,6 +429,81 @@ def test_bad_inputs(tmp_path, digits_ref, inception_weights):
     assert "remake the reference" in run_cli(["calc", "--images", str(tmp_path / "digits.npz"), "--ref",
                                               str(tmp_path / "other_weights.npz"), "--inception-weights",
                                               inception_weights])
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "cut short", "damaged", "npy"])
+def test_an_unreadable_npz_is_one_line_for_images_and_references(tmp_path, digits_ref, case):
+    path = tmp_path / "bad.npz"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("hello")
+    elif case == "npy":
+        with open(path, "wb") as file:  # a file object: np.save would add .npy to the name
+            np.save(file, random_images(2, 8, seed=0))
+    else:
+        np.savez(path, random_images(4, 8, seed=0))
+        data = bytearray(path.read_bytes())
+        if case == "cut short":
+            del data[200:]
+        else:  # flipped bytes inside the array: the zip CRC sees them
+            data[100:140] = bytes(255 - b for b in data[100:140])
+        path.write_bytes(bytes(data))
+    assert f"error: {path} is not an npz file of images" in run_cli(["calc", "--images", str(path), "--ref",
+                                                                     digits_ref])
+    message = run_cli(["calc", "--images", "builtin-digits", "--ref", str(path)])
+    assert message.startswith(f"error: {path} is not an npz file of reference statistics")
+
+
+@pytest.mark.parametrize("key", ["mu", "sigma", "features"])
+def test_a_reference_with_nan_or_inf_is_refused(tmp_path, digits_ref, key):
+    reference = dict(np.load(digits_ref))
+    reference[key] = reference[key].copy()
+    reference[key].flat[3] = np.inf if key == "sigma" else np.nan
+    np.savez(tmp_path / "nan_ref.npz", **reference)
+    message = run_cli(["calc", "--images", "builtin-digits", "--ref", str(tmp_path / "nan_ref.npz"), "--kid",
+                       "--kid-subset-size", "10", "--json", str(tmp_path / "fid.json")])
+    assert message == f"error: {tmp_path / 'nan_ref.npz'} holds NaN or inf values in {key}: refused"
+    assert not (tmp_path / "fid.json").exists()
+
+
+def test_nan_images_labels_or_features_are_refused(tmp_path):
+    np.savez(tmp_path / "nan_labels.npz", random_images(2, 8, seed=0), np.array([1.0, np.nan]))
+    with pytest.raises(SystemExit, match="holds NaN or inf values in arr_1: refused"):
+        fid.load_image_npz(str(tmp_path / "nan_labels.npz"))
+    broken = fid.FeatureSpace("digits", lambda images: torch.full((len(images), 4), float("nan")), "cpu", "0")
+    with pytest.raises(SystemExit, match="^error: the digits network gives NaN or inf features"):
+        broken.features(random_images(3, 8, seed=0))
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not an image"])
+def test_a_corrupt_png_is_one_line(tmp_path, digits_ref, damage):
+    folder = write_pngs(random_images(3, 8, seed=0), tmp_path / "pngs")
+    broken = tmp_path / "pngs" / "00001.png"
+    broken.write_bytes(broken.read_bytes()[:60] if damage == "cut short" else b"hello")
+    message = run_cli(["calc", "--images", folder, "--ref", digits_ref])
+    assert message.startswith(f"error: cannot read image {broken} (")
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_failed_writes_are_one_line_and_keep_the_previous_file(tmp_path, digits_ref, monkeypatch):
+    (tmp_path / "file").write_text("")
+    message = run_cli(["ref", "--images", "builtin-digits", "--out", str(tmp_path / "file" / "ref.npz")])
+    assert message.startswith(f"error: cannot write {tmp_path / 'file' / 'ref.npz'}: ")  # File exists
+    reference = pathlib.Path(digits_ref)
+    before = reference.read_bytes()
+    monkeypatch.setattr(np, "savez", disk_full)
+    message = run_cli(["ref", "--images", "builtin-digits", "--out", digits_ref, "--overwrite"])
+    assert message == f"error: cannot write {digits_ref}: No space left on device"
+    assert reference.read_bytes() == before  # and no temporary file is left:
+    assert sorted(os.listdir(reference.parent)) == [reference.name, "file"]
+    monkeypatch.setattr(json, "dump", disk_full)
+    json_path = tmp_path / "fid.json"
+    message = run_cli(["calc", "--images", "builtin-digits", "--ref", digits_ref, "--json", str(json_path)])
+    assert message == f"error: cannot write {json_path}: No space left on device" and not json_path.exists()
 
 
 def test_ref_refuses_to_overwrite(tmp_path, digits_ref):
