@@ -8,13 +8,19 @@ Two stages (Issachar et al., TMLR 2025; t = 0 is the prior sample x0, t = 1 the 
      paired with the data as drawn or by minibatch optimal transport of the prior noise.
 --data shapes (the default) generates 32x32 shapes captioned like "a small red circle on the left",
 holds 24 of the 144 captions out of training and trains on pixels with a built-in word encoder,
-offline, on a CPU in minutes (benchmarks/train_text_eval.py reads the samples back). --data coco
-encodes MS-COCO images once with an autoencoder and the captions once with CLIP, and trains on the
-cached latents (Dao et al., "Flow Matching in Latent Space").
+offline, on a CPU in minutes (benchmarks/train_text_eval.py reads the samples back).
+--data fashion-captions draws Fashion-MNIST items small or large, dark or light, captions them in
+words from five templates with three words per class, holds out one word per class, one template and
+8 (class, size, tone) combinations, and trains in the TAEF2 latent space with a real sentence
+encoder (all-MiniLM-L6-v2): can the mapper place a wording it never saw? (benchmarks/caption_judge.py
+reads the samples back.) --data coco encodes MS-COCO images once with an autoencoder and the captions
+once with CLIP. Both train on cached latents (Dao et al., "Flow Matching in Latent Space").
 
 Run (single process, CPU or one GPU; with no arguments: the built-in shapes, text prior):
     python train_text.py
     python train_text.py --prior gaussian --coupling ot --out runs/text-batchot
+    python train_text.py --data fashion-captions --data-root /usr/share/datasets/fashion-mnist \
+        --vae TAEF2_DIR --text-encoder MINILM_DIR --latent-cache runs/fashion-captions --out runs/text-fashion
 One node, 8 GPUs (DATA_DIR holds annotations/captions_train2017.json, train2017/ and val2017/):
     torchrun --standalone --nproc_per_node=8 train_text.py --data coco --data-root DATA_DIR --vae sd-ema \\
         --latent-cache runs/coco-latents --image-size 256 --model B --patch-size 2 --prior-sigma 0.7 \\
