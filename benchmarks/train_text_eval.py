@@ -8,8 +8,12 @@ from seed i, so all runs start from the same noise), then reports
              attributes right), and per attribute (size, colour, shape, position);
   fd_shape   Frechet distance on the checker's 9 measurements (colour, centroid, box, fill, drop);
   fd_pixels  Frechet distance on 8x8 average-pooled pixels (192 numbers);
-both against as many fresh renders of the same captions. NFE 0 is the prior sample itself (no
-network): for the text prior that is P(tau(y)) + sigma * noise.
+both against as many fresh renders of the same captions; and, to see why shape is missed,
+  shape_confusion  counts of (caption's shape, shape read), rows and columns in SHAPES order, a
+                   last column for "no shape found";
+  shape_features   per caption shape, the 10th / 50th / 90th percentiles of the checker's fill and
+                   drop (real renders: circle fill pi/4, square 1, triangle drop 1/6).
+NFE 0 is the prior sample itself (no network): for the text prior that is P(tau(y)) + sigma * noise.
 transport_cost is the mean of the logged training values ||x1 - x0||^2 (summed over dimensions);
 straightness is flow.straightness of the Euler trajectories at the largest NFE.
 
@@ -112,6 +116,16 @@ def score(images, captions, reference):
     reference_features = np.stack([read_shape(image)[1] for image in reference])
     result["fd_shape"] = frechet(features, reference_features)
     result["fd_pixels"] = frechet(pooled_pixels(images), pooled_pixels(reference))
+    shapes = train_text.SHAPES
+    read = [shapes.index(r[0][2]) if r[0] is not None else len(shapes) for r in readings]
+    said = [shapes.index(t[2]) for t in truth]
+    confusion = np.zeros((len(shapes), len(shapes) + 1), int)
+    np.add.at(confusion, (said, read), 1)
+    result["shape_confusion"] = confusion.tolist()
+    result["shape_features"] = {
+        shape: {name: np.percentile(features[np.equal(said, k), column], [10, 50, 90]).round(3).tolist()
+                for name, column in (("fill", 7), ("drop", 8))}
+        for k, shape in enumerate(shapes) if k in said}
     return result
 
 
@@ -174,7 +188,8 @@ def evaluate(run, sets, grid_captions, args):
             entry["nfe"][nfe][set_name] = score(images, captions, reference)
             if straight is not None:
                 entry[f"straightness_{set_name}"] = straight
-        rounded = {k: {m: round(v, 3) for m, v in r.items()} for k, r in entry["nfe"][nfe].items()}
+        rounded = {k: {m: round(v, 3) for m, v in r.items() if isinstance(v, float)}
+                   for k, r in entry["nfe"][nfe].items()}
         print(name, nfe, rounded, flush=True)
     for nfe in args.grid_nfe if args.grids else []:
         images, _ = generate(loaded, grid_captions, nfe, args.cfg)
