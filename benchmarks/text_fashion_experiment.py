@@ -169,9 +169,17 @@ class Evaluator:
         self.reference, self.real = {}, {}
         for name in SPLITS:
             self.add_real_canvases(name)
-        self.statistics = {group: fid.gaussian_statistics(self.space.features(
-            np.concatenate([self.reference[name] for name in names]), batch_size=100))
-            for group, names in GROUPS.items()}
+        self.statistics = self.reference_statistics()
+
+    def reference_statistics(self):
+        """EffNet mean and covariance of the seen and of the held-out reference, cut to one size
+        (FD's bias depends on it)."""
+        pools = {group: np.concatenate([self.reference[name] for name in names])
+                 for group, names in GROUPS.items()}
+        self.reference_images = min(len(pool) for pool in pools.values())
+        return {group: self.fid.gaussian_statistics(self.space.features(
+                    pool[equal_share(np.ones(len(pool), bool), self.reference_images)], batch_size=100))
+                for group, pool in pools.items()}
 
     def add_real_canvases(self, name):
         """Even-numbered canvases of a split: its FD reference; odd-numbered ones (N at most, with
@@ -265,7 +273,7 @@ def evaluate(args):
     failed = run_all(sample_commands(args, prompts), args.parallel)
     evaluator = Evaluator(args)
     results = {"setup": {"prompts_per_split": args.prompts, "images_per_prompt": args.images_per_prompt,
-                         "reference_images": {n: len(evaluator.reference[n]) for n in SPLITS},
+                         "reference_images_per_group": evaluator.reference_images,
                          "judge_classifier": evaluator.judge.info, "nfe": list(args.nfe)},
                "floors": evaluator.floors(), "runs": {}}
     for config, encoder in runs(args):
@@ -356,7 +364,8 @@ def report_markdown(results, encoder):
              nfe_table(results, encoder, "all correct", accuracy_cell("all"))]
     parts += [nfe_table(results, encoder, key, accuracy_cell(key)) for key in ("item", "size", "tone")]
     parts.append(kind_table(results, encoder, 4 if 4 in setup["nfe"] else setup["nfe"][-1]))
-    parts.append(nfe_table(results, encoder, f"FD-EffNet, seen / held-out (N = {count} each)",
+    parts.append(nfe_table(results, encoder, f"FD-EffNet, seen / held-out (N = {count} each, reference "
+                                             f"{setup['reference_images_per_group']} each)",
                            lambda m: f"{number(m['fd']['seen'])} / {number(m['fd']['heldout'])}"))
     parts.append(log_table(results, encoder))
     return "\n\n".join(parts)
@@ -467,7 +476,8 @@ def parse_args(argv=None):
     add("--nfe", type=int, nargs="+", default=list(NFE), help="Euler NFEs of the evaluation")
     add("--prompts", type=int, default=100, help="distinct captions per eval split")
     add("--images-per-prompt", type=int, default=2, help="images per caption at every NFE")
-    add("--reference-images", type=int, default=1000, help="real canvases per split in the FD reference")
+    add("--reference-images", type=int, default=1000,
+        help="even-numbered real canvases per split for the FD reference (seen and held-out cut to one size)")
     add("--parallel", type=int, default=len(CONFIGS) * len(ENCODERS), help="processes at once")
     add("--quiet", action="store_true", help="no progress bars in this process")
     add("--smoke", action="store_true", help="tiny budget on the CPU under a temporary folder")
