@@ -138,11 +138,29 @@ def sample_commands(args, prompts):
         if not glob.glob(os.path.join(run, "checkpoints", "step_*.pt")):
             print(f"no checkpoint in {run}: skipped", flush=True)
             continue
+        if samples_done(args, run, prompts):
+            print(f"{run}: samples of its latest checkpoint for these prompts exist: reused", flush=True)
+            continue
         command = python("sample.py", "--ckpt", run, "--prompts", prompt_file(args), "--nfe", *args.nfe,
                          "--num-images", len(prompts) * args.images_per_prompt, "--batch-size", 256,
                          "--out", os.path.join(run, "eval", "euler"), "--overwrite", "--quiet")
         commands.append((command, os.path.join(args.out, "logs", f"{run_name(config, encoder)}-sample.log")))
     return commands
+
+
+def samples_done(args, run, prompts):
+    """True when sample.py already wrote every NFE of this run's latest checkpoint for these prompts
+    (its args.json is written before the images, the npz last): eval can be rerun without resampling."""
+    folder = os.path.join(run, "eval", "euler")
+    try:
+        with open(os.path.join(folder, "args.json")) as file:
+            made = json.load(file)
+    except (OSError, ValueError):
+        return False
+    wanted = {"checkpoint": flow.latest_checkpoint(os.path.join(run, "checkpoints")), "prompt_lines": prompts,
+              "num_images": len(prompts) * args.images_per_prompt}
+    return all(made.get(key) == value for key, value in wanted.items()) and all(
+        os.path.exists(os.path.join(folder, f"euler_nfe{nfe:03d}.npz")) for nfe in args.nfe)
 
 
 def equal_share(mask, count, seed=0):
