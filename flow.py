@@ -13,7 +13,7 @@ network takes (class labels, text embeddings) and this module never looks inside
 
 Contents: priors, interpolant and loss, couplings, samplers, measures, and the few training
 utilities that both trainers need (per-example noise, distributed setup, EMA, atomic writes,
-checksummed checkpoints and their loading, RNG state, learning-rate warm-up, log trimming, SD VAE).
+checksummed checkpoints and their loading, learning-rate warm-up, log trimming, SD VAE).
 """
 import contextlib
 import glob
@@ -22,7 +22,6 @@ import importlib
 import json
 import os
 import pickle
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -374,28 +373,6 @@ def remove_partial_saves(*folders):
             os.remove(path)
 
 
-def rng_state():
-    """Every random generator's state, to be saved in checkpoints for exact resume. Plain data and
-    tensors only (NumPy's key array becomes a tensor), so checkpoints load with weights_only=True."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def refuse_overwrite(out, checkpoint_files, resume):
     """Stop with one line if `out` already holds checkpoints and --resume was not given (a new run
     would silently overwrite them), or if --resume finds nothing to continue (a typo in --out would
@@ -486,17 +463,6 @@ def checksum(value):
         digest.update(f"{name}={(leaf.dtype, tuple(leaf.shape)) if tensor else leaf!r}".encode())
         digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy() if tensor else b"")
     return digest.hexdigest()
-
-
-def gather_rng_states():
-    """Every process's rng_state() as a list indexed by rank (their noise differs), so that rank 0
-    can save them all and resume is exact under DDP too. One process: [rng_state()]."""
-    state = rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
 
 
 def warmup_lr(lr, step, warmup_steps):

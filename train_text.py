@@ -515,9 +515,8 @@ def load_data(args, rank, world_size, device):
 
 class BatchOrder:
     """Which data indices form global batch `step`: one random permutation per epoch (seeded by
-    the seed and the epoch, the same on every rank), read in order. A function of the step alone,
-    so a resumed run reads exactly the batches the uninterrupted run would have read, and the same
-    for any number of processes; each rank then takes its contiguous slice (DistributedSampler-like)."""
+    the seed and the epoch), read in order. A function of the step alone, so a resumed run reads
+    exactly the batches the uninterrupted run would have read, for any number of processes."""
 
     def __init__(self, size, global_batch, seed):
         self.size, self.global_batch, self.seed = size, global_batch, seed
@@ -529,11 +528,44 @@ class BatchOrder:
             self.cached_epoch, self.cached_permutation = epoch, torch.randperm(self.size, generator=generator)
         return self.cached_permutation
 
-    def indices(self, step, rank, world_size):
-        per_rank = self.global_batch // world_size
-        start = step * self.global_batch + rank * per_rank
-        positions = torch.arange(start, start + per_rank)
-        return torch.stack([self.permutation(int(p) // self.size)[int(p) % self.size] for p in positions])
+    def indices(self, step):
+        positions = range(step * self.global_batch, (step + 1) * self.global_batch)
+        return torch.stack([self.permutation(p // self.size)[p % self.size] for p in positions])
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item `step`: this process's share of global batch `step` of a stage, ready to train on. Stage 1
+    ("mapper"): x1 (B, C, H, W), the pooled tau(y) (B, Dp) and the mapper's z (B, --mapper-noise-dim).
+    Stage 2 ("flow"): x0 (B, C, H, W), x1 (B, C, H, W), t (B,) and the condition the network sees,
+    pooled (B, Dp) and tokens (B, L, Dt).
+
+    A pure function of (seed, step): the pairs come from BatchOrder; each example's prior noise, time,
+    caption dropout and mixture caption (stage 1: its z) from its own generator (flow.draw_examples);
+    the text prior's centres and the OT pairs over the whole global batch, which every process computes
+    alike before taking its slice. So 1 or N processes, any micro-batch split and a resume on another
+    number of processes train on the same pairs. Read by a DataLoader with --workers workers, the frozen
+    mapper and the scipy assignment run off the training step's critical path."""
+
+    def __init__(self, stage, train, prior, null, args, rank, world_size):
+        self.stage, self.train, self.prior, self.null, self.args = stage, train, prior, null, args
+        self.order = BatchOrder(len(train), args.global_batch, args.seed)
+        share = args.global_batch // world_size
+        self.share = slice(rank * share, (rank + 1) * share)  # contiguous, as DistributedSampler
+
+    def __len__(self):
+        return self.args.mapper_steps if self.stage == "mapper" else self.args.steps
+
+    def __getitem__(self, step):
+        index = self.order.indices(step)
+        x1, y = self.train.batch(index, "cpu")
+        if self.stage == "mapper":  # ~seed: other generators than stage 2's at the same step
+            z = flow.draw_examples(~self.args.seed, step, len(index), (self.args.mapper_noise_dim,))[0]
+            return x1[self.share], y[0][self.share], z[self.share]
+        noise, t, uniforms = flow.draw_examples(self.args.seed, step, len(index), x1.shape[1:],
+                                                self.args.time_schedule, uniforms=2)
+        x0, (pooled, tokens) = sample_pairs(self.prior, x1, y, noise, uniforms, self.null, self.train,
+                                            self.args)
+        return x0[self.share], x1[self.share], t[self.share], pooled[self.share], tokens[self.share]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,9 +767,8 @@ def barrier():
 
 
 def save_json(obj, path):
-    with open(f"{path}.tmp", "w") as file:
+    with flow.atomic_file(path, "w") as file:
         json.dump(obj, file, indent=2)
-    os.replace(f"{path}.tmp", path)
 
 
 def ema_decay(step, args):
@@ -752,8 +783,10 @@ def expand(null, batch):
 
 
 @torch.no_grad()
-def sample_pairs(prior, x1, y, null, train, args):
-    """Prior samples x0 paired with the data x1, and the condition the network sees.
+def sample_pairs(prior, x1, y, noise, uniforms, null, train, args):
+    """Prior samples x0 (from `noise`) paired with the data x1, and the condition the network sees; the
+    two `uniforms` (B, 2) of each example decide its caption dropout and, if dropped, the training pair
+    whose caption's prior it starts from.
 
     x0 = centre + sigma * noise, centre = 0 for the Gaussian prior and P(tau(y), z) for the text
     prior. With --coupling ot the noise parts are re-paired by exact minibatch OT against the
@@ -766,13 +799,14 @@ def sample_pairs(prior, x1, y, null, train, args):
     dropped sample's x0 comes from the prior of a random training caption (--cfg-null-prior
     mixture: the marginal prior, so v_null is the unconditional flow) or from its own caption's (own).
     """
-    noise = torch.randn_like(x1)
-    dropped = torch.rand(len(x1), device=x1.device) < args.cfg_dropout
+    dropped = uniforms[:, 0] < args.cfg_dropout
     prior_y = y
     if args.prior == "text" and args.cfg_null_prior == "mixture" and dropped.any():
-        others = train.caption_of_pair[torch.randint(len(train), (int(dropped.sum()),)).numpy()]
+        # A random training pair, so captions by frequency (float64: u * N stays below N).
+        pairs = (uniforms[dropped, 1].double() * len(train)).long().numpy()
         prior_y = (y[0].clone(), y[1])
-        prior_y[0][dropped] = torch.from_numpy(np.asarray(train.pooled[others], np.float32)).to(x1.device)
+        prior_y[0][dropped] = torch.from_numpy(np.asarray(train.pooled[train.caption_of_pair[pairs]],
+                                                          np.float32)).to(x1.device)
     centre = prior.centre(prior_y, noise) if args.prior == "text" else torch.zeros_like(x1)
     x0 = centre + flow.couple(prior.sample(prior_y, noise) - centre, x1 - centre, args.coupling)
     null_pooled, null_tokens = expand(null, len(x1))
@@ -787,30 +821,28 @@ def autocast(args, device):
     return nullcontext()
 
 
-def train_step(stage, step, model, forward, optimizer, prior, train, null, order, args, rank, world_size,
-               device):
-    """One optimizer step of `stage` (the mapper, or the flow) on global batch `step`, accumulated
-    over micro-batches of at most --max-batch-per-gpu; returns (loss, transport cost, gradient norm)
-    of this rank."""
-    index = order.indices(step, rank, world_size)
-    micro_batches = index.split(args.max_batch_per_gpu)
+def train_step(stage, step, batch, model, forward, optimizer, args, world_size, device):
+    """One optimizer step of `stage` (the mapper, or the flow) on this process's share `batch` of global
+    batch `step` (from TrainingBatches), accumulated over micro-batches of at most --max-batch-per-gpu;
+    returns (loss, transport cost, gradient norm), the first two over this share."""
+    size = len(batch[0])
+    micro_batches = list(zip(*(part.split(args.max_batch_per_gpu) for part in batch)))
     total_loss = total_cost = 0.0
     for i, micro in enumerate(micro_batches):
-        x1, y = train.batch(micro, device)
-        if stage == "flow":
-            x0, y = sample_pairs(prior, x1, y, null, train, args)  # OT within each micro-batch
+        micro = [part.to(device, non_blocking=True) for part in micro]
         # DDP all-reduces gradients only on the last micro-batch.
         sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
         with sync:
             with autocast(args, device):
                 if stage == "mapper":  # || P(tau(y), z) - x1 ||^2
-                    z = torch.randn(len(x1), args.mapper_noise_dim, device=device)
-                    loss = mapper_loss(forward, x1, y, z)
+                    x1, pooled, z = micro
+                    loss = mapper_loss(forward, x1, (pooled,), z)
                 else:  # E_t || v_theta(x_t, t, y) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
-                    loss = flow.flow_matching_loss(forward, x0, x1, y, args.time_schedule)
-            (loss * len(micro) / len(index)).backward()  # the mean over this rank's whole batch
-        total_loss += loss.item() * len(micro) / len(index)
-        total_cost += flow.transport_cost(x0, x1) * len(micro) / len(index) if stage == "flow" else 0.0
+                    x0, x1, t, pooled, tokens = micro
+                    loss = flow.flow_matching_loss(forward, x0, x1, (pooled, tokens), t=t)
+            (loss * len(x1) / size).backward()  # the mean over this process's whole share
+        total_loss += loss.item() * len(x1) / size
+        total_cost += flow.transport_cost(x0, x1) * len(x1) / size if stage == "flow" else 0.0
     lr = args.mapper_lr if stage == "mapper" else args.lr
     for group in optimizer.param_groups:
         group["lr"] = flow.warmup_lr(lr, step, args.warmup_steps)
@@ -823,32 +855,89 @@ def train_step(stage, step, model, forward, optimizer, prior, train, null, order
     return total_loss, total_cost, grad_norm.item()
 
 
-def write_log(record, args, rank, progress=None):
-    if rank == 0:
-        if progress is not None:
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
-        with open(os.path.join(args.out, "log.jsonl"), "a") as file:
-            file.write(json.dumps(record) + "\n")
+def batch_loader(batches, first_step, last_step, args, device):
+    """Global batches first_step .. last_step - 1 of `batches` (TrainingBatches), prepared on the CPU in
+    --workers processes (0: this one), a few steps ahead of the training step."""
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, last_step),
+                                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
 def save_checkpoint(args, config, step, rank, folder="checkpoints", **parts):
-    """checkpoints/: the flow (model, ema, opt, prior); mapper/: stage 1 (mapper, opt)."""
-    rng = flow.gather_rng_states()
+    """checkpoints/: the flow (model, ema, opt, prior); mapper/: stage 1 (mapper, opt). No random
+    generator states: every batch is a pure function of (seed, step) (TrainingBatches)."""
     if rank == 0:
         checkpoint = {"kind": "text" if folder == "checkpoints" else "text-mapper", "args": vars(args),
-                      "config": config, "step": step, "rng": rng,
+                      "config": config, "step": step,
                       **{name: part.state_dict() for name, part in parts.items()}}
         flow.save_atomic(checkpoint, os.path.join(args.out, folder, f"step_{step:07d}.pt"))
 
 
-def resume(args, config, prior, mapper_optimizer, model, ema, optimizer, rank, world_size):
-    """Load the latest flow checkpoint in --out, else the latest mapper checkpoint; return (mapper
-    step, flow step), (0, 0) if there is none."""
-    flow_file = flow.latest_checkpoint(os.path.join(args.out, "checkpoints"))
-    latest = flow_file or flow.latest_checkpoint(os.path.join(args.out, "mapper"))
-    if latest is None:
-        return 0, 0
-    checkpoint = flow.load_checkpoint(latest)
+def checkpoint_to_resume(args, rank):
+    """(path, checkpoint) that --resume continues, else (None, None): the newest flow checkpoint that
+    loads and passes its checks, or, before stage 2 has saved one, the newest such mapper checkpoint. A
+    newer, corrupted one is skipped, with one line. Temporary files of writes that a crash interrupted
+    are removed first."""
+    folders = [os.path.join(args.out, name) for name in ("checkpoints", "mapper")]
+    if rank == 0:
+        flow.remove_partial_saves(args.out, *folders)
+    newest = [flow.latest_checkpoint(folder) for folder in folders]
+    flow.refuse_overwrite(args.out, newest, args.resume)
+    if not args.resume:
+        return None, None
+    latest, checkpoint = flow.latest_valid_checkpoint(folders[0] if newest[0] else folders[1])
+    if checkpoint.get("kind") == "text" and checkpoint["step"] >= args.steps:
+        options = f"--steps {args.steps} leaves"
+    elif checkpoint["step"] >= args.mapper_steps and args.steps == 0:  # a mapper checkpoint
+        options = f"--mapper-steps {args.mapper_steps} and --steps 0 leave"
+    else:
+        return latest, checkpoint
+    raise SystemExit(f"error: --resume: {latest} is already at step {checkpoint['step']}: {options} "
+                     "nothing to train")
+
+
+def start_outputs(args, mapper_step, step):
+    """The output folders, args.json, and a log holding only the lines up to the checkpoint resumed
+    (a resumed run writes the later ones again; a fresh run starts an empty log)."""
+    folders = [os.path.join(args.out, name) for name in ("checkpoints", "mapper", "samples")]
+    for folder in (args.out, *folders):
+        with flow.write_errors(folder):
+            os.makedirs(folder, exist_ok=True)
+    save_json(vars(args), os.path.join(args.out, "args.json"))
+    flow.trim_log(os.path.join(args.out, "log.jsonl"),
+                  lambda r: r["stage"] == "mapper" or r["step"] <= step if step
+                  else "loss" in r and r["stage"] == "mapper" and r["step"] <= mapper_step)
+
+
+def write_log(args, stage, done, sums, start, grad_norm, rank, world_size, device):
+    """One log.jsonl line (rank 0) with the means over the global batches of `stage` since the last line
+    (at time `start`): `sums` (loss, transport cost, steps) is all-reduced over the processes. Returns
+    the loss."""
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss_sum, cost_sum, count = sums.tolist()
+    lr, elapsed = args.lr if stage == "flow" else args.mapper_lr, time.perf_counter() - start
+    record = {"stage": stage, "step": done, "loss": loss_sum / count,
+              "lr": flow.warmup_lr(lr, done - 1, args.warmup_steps),
+              "images_per_s": args.global_batch * count / world_size / elapsed, "grad_norm": grad_norm}
+    if stage == "flow":  # the mapper's batches have no prior samples
+        record["transport_cost"] = cost_sum / count
+    if device.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if rank == 0:
+        append_log(args, record)
+    return record["loss"]
+
+
+def append_log(args, record):
+    log_path = os.path.join(args.out, "log.jsonl")
+    with flow.write_errors(log_path), open(log_path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def resume(latest, checkpoint, args, config, prior, mapper_optimizer, model, ema, optimizer):
+    """Continue from `checkpoint` (read from file `latest`: the flow, or stage 1 unfinished) if it
+    matches this run; return (mapper step, flow step). Exact on any number of processes: the batches
+    after it depend on (seed, step) alone."""
     saved = checkpoint.get("args", {})
     for key in CONFIG_KEYS:
         if saved.get(key) != getattr(args, key):
@@ -858,22 +947,15 @@ def resume(args, config, prior, mapper_optimizer, model, ema, optimizer, rank, w
     if checkpoint.get("config") != config:
         raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): "
                          "use another --out")
-    if flow_file:
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["opt"])
-        prior.load_state_dict(checkpoint["prior"])
-        steps = args.mapper_steps, checkpoint["step"]
-    else:
+    if checkpoint["kind"] == "text-mapper":
         prior.mapper.load_state_dict(checkpoint["mapper"])
         mapper_optimizer.load_state_dict(checkpoint["opt"])
-        steps = checkpoint["step"], 0
-    if len(checkpoint["rng"]) == world_size:
-        flow.set_rng_state(checkpoint["rng"][rank])
-    elif rank == 0:
-        print(f"note: resuming on {world_size} processes, not {len(checkpoint['rng'])}: "
-              "same data order, new noise")
-    return steps
+        return checkpoint["step"], 0
+    model.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["opt"])
+    prior.load_state_dict(checkpoint["prior"])
+    return args.mapper_steps, checkpoint["step"]
 
 
 def load_mapper(prior, path, config):
@@ -890,27 +972,23 @@ def load_mapper(prior, path, config):
                          "--mapper-noise-dim?)") from None
 
 
-def train_mapper(args, config, prior, optimizer, train, order, first_step, rank, world_size, device):
+def train_mapper(args, config, prior, optimizer, train, first_step, rank, world_size, device):
     """Stage 1: P by regression onto the paired latents, from `first_step` to --mapper-steps."""
     forward = nn.parallel.DistributedDataParallel(prior.mapper) if world_size > 1 else prior.mapper
-    sums, start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+    batches = TrainingBatches("mapper", train, None, None, args, rank, world_size)
+    loader = batch_loader(batches, first_step, args.mapper_steps, args, device)
+    sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
     progress = tqdm(range(first_step, args.mapper_steps), initial=first_step, total=args.mapper_steps,
                     desc="mapper", disable=rank != 0 or args.quiet)
-    for step in progress:
-        loss, _, grad_norm = train_step("mapper", step, prior.mapper, forward, optimizer, prior, train, None,
-                                        order, args, rank, world_size, device)
-        sums += torch.tensor([loss, 1.0], dtype=torch.float64)
+    for step, batch in zip(progress, loader):
+        loss, _, grad_norm = train_step("mapper", step, batch, prior.mapper, forward, optimizer, args,
+                                        world_size, device)
+        sums += torch.tensor([loss, 0.0, 1.0], dtype=torch.float64)
         done = step + 1
         if done % args.log_every == 0 or done == args.mapper_steps:
-            if world_size > 1:
-                dist.all_reduce(sums)
-            elapsed, (loss_sum, count) = time.perf_counter() - start, sums.tolist()
-            record = {"stage": "mapper", "step": done, "loss": loss_sum / count,
-                      "lr": flow.warmup_lr(args.mapper_lr, step, args.warmup_steps),
-                      "images_per_s": args.global_batch * count / world_size / elapsed,
-                      "grad_norm": grad_norm}
-            write_log(record, args, rank, progress)
-            sums, start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+            loss = write_log(args, "mapper", done, sums, start, grad_norm, rank, world_size, device)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
         if done % args.ckpt_every == 0 or done == args.mapper_steps:
             save_checkpoint(args, config, done, rank, "mapper", mapper=prior.mapper, opt=optimizer)
 
@@ -954,7 +1032,7 @@ def report_mapper(mapper, splits, grid, decode, args, device):
     P's decoded means for the same captions right below it."""
     losses = {f"val_loss_{name}": mapper_validation_loss(mapper, split, device)
               for name, split in splits.items() if name != "train"}
-    write_log({"stage": "mapper", "step": args.mapper_steps, **losses}, args, rank=0)
+    append_log(args, {"stage": "mapper", "step": args.mapper_steps, **losses})
     print("mapper " + ", ".join(f"{name} {value:.4f}" for name, value in losses.items()))
     x1, y, captions = grid
     means = mapper(y[0], torch.zeros(len(x1), mapper.noise_dim, device=device))
@@ -999,8 +1077,7 @@ def main(args):
     if args.global_batch % world_size:
         raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
                          f"{world_size} processes")
-    checkpoints = [flow.latest_checkpoint(os.path.join(args.out, name)) for name in ("checkpoints", "mapper")]
-    flow.refuse_overwrite(args.out, checkpoints, args.resume)
+    latest, checkpoint = checkpoint_to_resume(args, rank)  # before any data is read
     if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -1019,22 +1096,14 @@ def main(args):
     if args.prior == "text":
         mapper_optimizer = torch.optim.AdamW(prior.parameters(), lr=args.mapper_lr,
                                              weight_decay=args.weight_decay)
-    torch.manual_seed(args.seed + rank)  # noise (prior samples, t, caption dropout) differs by rank
     mapper_step, step = 0, 0
-    if args.resume:
-        mapper_step, step = resume(args, config, prior, mapper_optimizer, model, ema, optimizer, rank,
-                                   world_size)
-    order = BatchOrder(len(train), args.global_batch, args.seed)
+    if checkpoint:
+        mapper_step, step = resume(latest, checkpoint, args, config, prior, mapper_optimizer, model, ema,
+                                   optimizer)
     decode = make_decoder(args.vae, config, device)
     grid = grid_batch(splits, device)
     if rank == 0:
-        for folder in ("checkpoints", "mapper", "samples"):
-            os.makedirs(os.path.join(args.out, folder), exist_ok=True)
-        save_json(vars(args), os.path.join(args.out, "args.json"))
-        # Resumed: drop the lines written after the checkpoint; a fresh run starts a new log.
-        flow.trim_log(os.path.join(args.out, "log.jsonl"),
-                      lambda r: r["stage"] == "mapper" or r["step"] <= step if step
-                      else "loss" in r and r["stage"] == "mapper" and r["step"] <= mapper_step)
+        start_outputs(args, mapper_step, step)
         print(f"{len(train)} training pairs of shape {config['latent_shape']}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{world_size} process(es) on {device}")
@@ -1043,33 +1112,28 @@ def main(args):
         mapper_step = args.mapper_steps
 
     if args.prior == "text" and mapper_step < args.mapper_steps:
-        train_mapper(args, config, prior, mapper_optimizer, train, order, mapper_step, rank, world_size,
-                     device)
+        train_mapper(args, config, prior, mapper_optimizer, train, mapper_step, rank, world_size, device)
     if args.prior == "text" and rank == 0 and (mapper_step < args.mapper_steps or step == 0):
         report_mapper(prior.mapper, splits, grid, decode, args, device)
     prior.requires_grad_(False).eval()
     forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(forward) if args.compile else forward
+    # The batches' prior is a CPU copy of the trained mapper's, so it is made only now, after stage 1.
+    batches = TrainingBatches("flow", train, copy.deepcopy(prior).cpu(), train.null("cpu"), args, rank,
+                              world_size)
+    loader = batch_loader(batches, step, args.steps, args, device)
     sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
     progress = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="flow",
                     disable=rank != 0 or args.quiet)
-    for step in progress:
-        loss, cost, grad_norm = train_step("flow", step, model, forward, optimizer, prior, train, null, order,
-                                           args, rank, world_size, device)
+    for step, batch in zip(progress, loader):
+        loss, cost, grad_norm = train_step("flow", step, batch, model, forward, optimizer, args, world_size,
+                                           device)
         flow.update_ema(ema, model, ema_decay(step, args))
         sums += torch.tensor([loss, cost, 1.0], dtype=torch.float64)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            if world_size > 1:
-                dist.all_reduce(sums)
-            elapsed, (loss_sum, cost_sum, count) = time.perf_counter() - start, sums.tolist()
-            record = {"stage": "flow", "step": done, "loss": loss_sum / count,
-                      "lr": flow.warmup_lr(args.lr, step, args.warmup_steps),
-                      "images_per_s": args.global_batch * count / world_size / elapsed,
-                      "transport_cost": cost_sum / count, "grad_norm": grad_norm}
-            if device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            write_log(record, args, rank, progress)
+            loss = write_log(args, "flow", done, sums, start, grad_norm, rank, world_size, device)
+            progress.set_postfix(loss=f"{loss:.4f}")
             sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
         # The checkpoint first: a failing sample grid must not lose the training since the last one.
         if done % args.ckpt_every == 0 or done == args.steps:
@@ -1135,7 +1199,9 @@ def parse_args(argv=None):
                                       "taef2_decoder.pth")
     add("--latent-cache", default=None, help="folder for the encoded latents and text embeddings "
                                              "(default OUT/latents); share it between runs")
-    add("--workers", type=int, default=4, help="image-reading workers while building a latent cache")
+    add("--workers", type=int, default=2,
+        help="DataLoader workers that prepare the training batches (text-prior centres, noise, t, caption "
+             "dropout, OT pairs) and read images for a latent cache; 0: in the main process")
     add("--text-encoder", default=None,
         help="'builtin', or a transformers folder or hub name of a CLIP text model or a sentence-embedding "
              f"model (default: builtin for shapes, {SENTENCE_DEFAULT} for fashion-captions, {CLIP_DEFAULT} "
@@ -1178,7 +1244,7 @@ def parse_args(argv=None):
         help="autocast precision on CUDA (CPU runs fp32)")
     add("--compile", action="store_true", help="torch.compile the network")
     add("--seed", type=int, default=0,
-        help="seed for the shapes, weights, data order and noise (offset by rank)")
+        help="seed for the shapes, weights, data order and every example's noise (the same on every rank)")
     # Logging, samples, checkpoints.
     add("--log-every", type=int, default=50, help="steps between log.jsonl lines")
     add("--sample-every", type=int, default=500, help="steps between EMA sample grids")

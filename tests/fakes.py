@@ -1,5 +1,6 @@
 """Small fake inputs the tests write themselves: Fashion-MNIST idx files and random TAEF2 weights
-(the tests never read ../shared or the Debian data set, which users and CI may not have)."""
+(the tests never read ../shared or the Debian data set, which users and CI may not have); a damaged
+checkpoint; and the check both trainers' TrainingBatches must pass."""
 import gzip
 import os
 
@@ -36,3 +37,30 @@ def write_taef2(folder, seed=0):
         half = {key: value.half() for key, value in module.state_dict().items()}
         torch.save(half, os.path.join(folder, name))
     return modules
+
+
+def flip_weight_bytes(path, name="out.weight"):
+    """Flip 64 bytes of the model weight `name` inside checkpoint `path`, as a failing disk would: the
+    file still loads (torch.load does not check the zip CRC), only the checkpoint's checksum tells."""
+    weight = flow.load_checkpoint(str(path))["model"][name].numpy().tobytes()
+    with open(path, "rb") as file:
+        data = bytearray(file.read())
+    start = data.find(weight)
+    data[start:start + 64] = bytes(255 - b for b in data[start:start + 64])
+    with open(path, "wb") as file:
+        file.write(bytes(data))
+
+
+def whole_batch(make_batches, step=7):
+    """make_batches(rank, world_size) -> a trainer's TrainingBatches. Asserts that item `step` is the same
+    whether one process takes it whole or three take their shares, and when a DataLoader worker makes
+    it; returns (the whole item, the data indices of its global batch)."""
+    batches = [make_batches(rank, world_size) for rank, world_size in ((0, 1), (0, 3), (1, 3), (2, 3))]
+    whole, *shares = (batch[step] for batch in batches)
+    for part, parts in zip(whole, zip(*shares)):
+        assert torch.equal(part, torch.cat(parts))
+    loader = torch.utils.data.DataLoader(batches[0], batch_size=None, sampler=range(step - 1, step + 1),
+                                         num_workers=2)
+    for part, again in zip(whole, list(loader)[1]):
+        assert torch.equal(part, again)
+    return whole, batches[0].order.indices(step)

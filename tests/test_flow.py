@@ -5,7 +5,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -408,16 +407,6 @@ def test_draw_examples_is_a_function_of_seed_step_and_index():
     assert abs(torch.logit(logit_t).std() - 1) < 0.05  # t = sigmoid(N(0, 1))
 
 
-def test_rng_state_round_trip_repeats_every_generator(tmp_path):
-    import random
-
-    np.random.randn()  # a cached Gaussian in NumPy's state, which must survive too
-    flow.save_atomic({"rng": [flow.rng_state()]}, tmp_path / "rng.pt")
-    first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
-    flow.set_rng_state(flow.load_checkpoint(tmp_path / "rng.pt")["rng"][0])  # through weights_only=True
-    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == first
-
-
 class RunsCode:
     """A pickle that runs code when loaded, as a downloaded checkpoint could."""
 
@@ -451,10 +440,11 @@ def test_refuse_overwrite_stops_only_for_checkpoints_without_resume(tmp_path):
 
 
 def test_load_checkpoint_round_trips_and_names_bad_files(tmp_path):
-    state = {"rng": [flow.rng_state()], "step": 7}
+    state = {"parts": [{"weight": torch.randn(3), "name": "x", "shape": (1, 2)}], "step": 7}
     flow.save_atomic(state, tmp_path / "good.pt")
-    loaded = flow.load_checkpoint(tmp_path / "good.pt")  # NumPy states need weights_only=False
-    assert loaded["step"] == 7 and torch.equal(loaded["rng"][0]["torch"], state["rng"][0]["torch"])
+    loaded = flow.load_checkpoint(tmp_path / "good.pt")  # tensors and plain data, nested
+    assert loaded["step"] == 7 and torch.equal(loaded["parts"][0]["weight"], state["parts"][0]["weight"])
+    assert loaded["parts"][0]["shape"] == (1, 2) and loaded["parts"][0]["name"] == "x"
     with pytest.raises(SystemExit, match="no checkpoint at .*missing.pt"):
         flow.load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
@@ -474,13 +464,6 @@ def test_resolve_checkpoint_takes_a_file_or_a_run_folders_latest_step(tmp_path):
     assert flow.latest_checkpoint(str(tmp_path / "mapper")) is None
     with pytest.raises(SystemExit, match="no checkpoint at .*gone.pt: the file does not exist"):
         flow.resolve_checkpoint(str(tmp_path / "gone.pt"))
-
-
-def test_gather_rng_states_is_this_process_state_without_distributed():
-    states = flow.gather_rng_states()
-    expected = torch.rand(3)
-    flow.set_rng_state(states[0])
-    assert len(states) == 1 and torch.equal(torch.rand(3), expected)
 
 
 def test_warmup_lr_is_linear_then_constant():

@@ -4,6 +4,7 @@ benchmarks/train_text_eval.py. Everything offline, on tiny random configurations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import write_fashion, write_taef2
+from fakes import flip_weight_bytes, whole_batch, write_fashion, write_taef2
 
 import flow
 import train_text
@@ -24,7 +25,7 @@ import train_text_eval  # the caption checker
 
 TINY = ["--model", "tiny", "--global-batch", "8", "--max-batch-per-gpu", "4", "--log-every", "2",
         "--ckpt-every", "2", "--sample-every", "4", "--sample-nfe", "2", "--warmup-steps", "2",
-        "--mapper-width", "32", "--quiet"]
+        "--mapper-width", "32", "--quiet", "--workers", "0"]
 
 
 def to_uint8(images):
@@ -397,15 +398,13 @@ def test_text_prior_is_centred_on_the_mapper_and_ot_keeps_each_centre():
     cond = (torch.randn(32, 5), torch.randn(32, 2, 5))
     null = (torch.zeros(1, 5), torch.zeros(1, 2, 5))
     x1 = torch.randn(32, 3, 4, 4) * 2
-    torch.manual_seed(1)
-    noise = torch.randn_like(x1)  # the noise sample_pairs draws after the same seed
+    noise, uniforms = torch.randn_like(x1), torch.rand(32, 2)
     centre = prior.centre(cond, noise)
     assert torch.allclose(prior.sample(cond, noise), centre + 0.3 * noise)
-    torch.manual_seed(1)
-    independent, seen = train_text.sample_pairs(prior, x1, cond, null, None, pair_options())
+    independent, seen = train_text.sample_pairs(prior, x1, cond, noise, uniforms, null, None, pair_options())
+    assert torch.equal(independent, prior.sample(cond, noise))  # as drawn
     assert all(torch.equal(a, b) for a, b in zip(seen, cond))  # no dropout: the network sees the captions
-    torch.manual_seed(1)
-    ot, _ = train_text.sample_pairs(prior, x1, cond, null, None, pair_options(coupling="ot"))
+    ot, _ = train_text.sample_pairs(prior, x1, cond, noise, uniforms, null, None, pair_options(coupling="ot"))
     # OT only re-orders the noise parts: the same set of residuals, each x0 on its own caption's centre
     def by_first(residuals):
         return residuals[torch.argsort(residuals[:, 0])]
@@ -425,14 +424,14 @@ def test_dropped_captions_start_from_the_mixture_or_their_own_prior():
     null = (torch.zeros(1, 5), torch.zeros(1, 2, 5))
     x1 = torch.zeros(64, 3, 4, 4)
     centres = prior.mapper(torch.from_numpy(pooled)).detach()
-    for null_prior, share_of_b in (("own", 0.0), ("mixture", 0.5)):
-        torch.manual_seed(1)
-        noise = torch.randn_like(x1)
-        torch.manual_seed(1)
+    noise, uniforms = torch.randn_like(x1), torch.rand(64, 2)
+    for null_prior in ("own", "mixture"):
         options = pair_options(cfg_dropout=1.0, cfg_null_prior=null_prior)
-        x0, seen = train_text.sample_pairs(prior, x1, cond, null, train, options)
+        x0, seen = train_text.sample_pairs(prior, x1, cond, noise, uniforms, null, train, options)
         is_a, is_b = ((x0 - 0.3 * noise - centre).flatten(1).abs().amax(1) < 1e-5 for centre in centres)
-        assert torch.all(is_a | is_b) and abs(is_b.float().mean() - share_of_b) < 0.2
+        assert torch.all(is_a | is_b)
+        # mixture: the second uniform picks the training pair, here a (below 1/2) or b; own: always a
+        assert torch.equal(is_b, (uniforms[:, 1] >= 0.5) & (null_prior == "mixture"))
         assert seen[0].abs().sum() == 0 and seen[1].abs().sum() == 0  # every caption dropped to ""
 
 
@@ -455,6 +454,7 @@ def test_both_stages_write_logs_checkpoints_and_pictures(shapes_run):
     assert json.loads((out / "args.json").read_text())["patch_size"] == 8  # resolved defaults
     checkpoint = load(out / "checkpoints" / "step_0000004.pt")
     assert checkpoint["kind"] == "text" and checkpoint["step"] == 4
+    assert "rng" not in checkpoint  # nothing to restore: batches are a function of (seed, step)
     assert any(k.startswith("mapper.") for k in checkpoint["prior"])  # the mapper travels with the flow
     assert (out / "mapper_means.png").exists() and (out / "samples" / "step_0000004_nfe_2.png").exists()
 
@@ -464,7 +464,11 @@ def test_resume_of_both_stages_equals_an_uninterrupted_run(shapes_run, tmp_path)
     run(out, "--mapper-steps", "2", "--steps", "0")  # stopped inside stage 1 ...
     with pytest.raises(SystemExit, match="add --resume"):  # nothing is overwritten by mistake
         run(out, "--mapper-steps", "4", "--steps", "2")
+    with pytest.raises(SystemExit, match="--mapper-steps 2 and --steps 0 leave nothing to train"):
+        run(out, "--mapper-steps", "2", "--steps", "0", "--resume")
     run(out, "--mapper-steps", "4", "--steps", "2", "--resume")  # ... resumed, stopped inside stage 2 ...
+    with pytest.raises(SystemExit, match="already at step 2: --steps 2 leaves nothing to train"):
+        run(out, "--mapper-steps", "4", "--steps", "2", "--resume")
     with pytest.raises(SystemExit, match="was trained with --prior-sigma 0.5, not 0.3"):
         run(out, "--mapper-steps", "4", "--steps", "4", "--resume", "--prior-sigma", "0.3")
     run(out, "--mapper-steps", "4", "--steps", "4", "--resume")  # ... and resumed again
@@ -478,11 +482,16 @@ def test_resume_of_both_stages_equals_an_uninterrupted_run(shapes_run, tmp_path)
     assert flow_lines[0] == flow_lines[1]
 
 
-def test_load_for_sampling_round_trip(shapes_run):
+def test_load_for_sampling_round_trip(shapes_run, tmp_path):
     path = str(shapes_run / "checkpoints" / "step_0000004.pt")
     loaded = train_text.load_for_sampling(path, "cpu")
     checkpoint = load(path)
     assert_same_state(loaded.model.state_dict(), checkpoint["ema"])
+    # a checkpoint written before batches were a function of (seed, step): RNG states, no checksum
+    torch.save(dict(checkpoint, rng=[{"python": random.getstate(), "torch": torch.get_rng_state()}] * 2),
+               tmp_path / "old.pt")
+    assert_same_state(train_text.load_for_sampling(str(tmp_path / "old.pt"), "cpu").model.state_dict(),
+                      checkpoint["ema"])
     raw = train_text.load_for_sampling(path, "cpu", use_ema=False)
     assert_same_state(raw.model.state_dict(), checkpoint["model"])
     assert loaded.latent_shape == (3, 32, 32) and loaded.kind == "text" and loaded.options["prior"] == "text"
@@ -555,19 +564,100 @@ def test_mapper_from_reuses_a_trained_mapper(tmp_path, shapes_run):
                       load(out / "checkpoints" / "step_0000002.pt")["prior"])
 
 
-def test_torchrun_two_processes_then_resume_on_one(tmp_path, capsys):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "train_text.py"), "--out", str(out), *TINY, "--mapper-steps", "2",
-               "--steps", "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    checkpoint = load(out / "checkpoints" / "step_0000002.pt")
-    assert len(checkpoint["rng"]) == 2  # one random state per process, for exact resume
-    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+# ---------------------------------------------------------------------------------------------
+# A batch is a pure function of (seed, step): 1 or 2 processes, any micro-batch split, any number of
+# DataLoader workers and a resume on another number of processes train on the same batches.
+
+PURE = ["--mapper-steps", "4", "--mapper-noise-dim", "4", "--steps", "10", "--log-every", "1",
+        "--ckpt-every", "5", "--sample-every", "10", "--coupling", "ot", "--cfg-dropout", "0.3"]
+
+
+def losses(out, stage):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert records[-1]["stage"] == "flow" and records[-1]["step"] == 2
-    run(out, "--mapper-steps", "2", "--steps", "4", "--resume")  # one process continues the two-process run
-    assert "resuming on 1 processes, not 2: same data order, new noise" in capsys.readouterr().out
-    assert load(out / "checkpoints" / "step_0000004.pt")["step"] == 4
+    return [record["loss"] for record in records if record["stage"] == stage and "loss" in record]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process") / "run"
+    run(out, *PURE, "--workers", "2")  # 2 micro-batches of 4, 2 workers
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_processes") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train_text.py", "--out", str(out), *TINY, *PURE, "--workers", "1"]  # 4 per process
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_one_and_two_processes_train_on_the_same_batches(one_process_run, two_process_run):
+    """The logged losses are means over the global batch, and both runs see the same z, x0, t and pairs."""
+    assert len(losses(two_process_run, "flow")) == 10  # rank 0 alone writes the log
+    for stage in ("mapper", "flow"):
+        np.testing.assert_allclose(losses(two_process_run, stage), losses(one_process_run, stage), rtol=0,
+                                   atol=1e-4)
+    one, two = (load(out / "checkpoints" / "step_0000010.pt") for out in (one_process_run, two_process_run))
+    assert "rng" not in two  # nothing to restore: batches are a function of (seed, step)
+    for part in ("model", "prior"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(two[part][name], value, rtol=0, atol=1e-4)
+
+
+def test_resume_on_one_process_continues_a_two_process_run(tmp_path, one_process_run, two_process_run):
+    shutil.copytree(two_process_run, tmp_path / "run")
+    os.remove(tmp_path / "run" / "checkpoints" / "step_0000010.pt")
+    run(tmp_path / "run", *PURE, "--resume")  # from flow step 5, on one process
+    np.testing.assert_allclose(losses(tmp_path / "run", "flow"), losses(one_process_run, "flow"), rtol=0,
+                               atol=1e-4)
+    assert losses(tmp_path / "run", "flow")[:5] == losses(two_process_run, "flow")[:5]  # kept, not redone
+
+
+def tiny_split(pairs=20, captions=6):
+    """A training Split of random 3x4x4 images and captions; row 0 is the null caption "" (zeros)."""
+    rng = np.random.RandomState(0)
+    pooled, tokens = rng.randn(captions, 5).astype(np.float32), rng.randn(captions, 2, 5).astype(np.float32)
+    pooled[0], tokens[0] = 0, 0
+    return train_text.Split(rng.randn(pairs, 3, 4, 4).astype(np.float32), [""] + list("abcde"), pooled,
+                            tokens, np.arange(pairs), rng.randint(1, captions, pairs))
+
+
+@pytest.mark.parametrize("stage", ["mapper", "flow"])
+def test_training_batches_are_the_same_for_any_processes_and_workers(stage):
+    args = train_text.parse_args(["--coupling", "ot", "--cfg-dropout", "0.5", "--global-batch", "12",
+                                  "--mapper-noise-dim", "3"])
+    train = tiny_split()
+    torch.manual_seed(0)
+    prior = train_text.TextPrior(train_text.Mapper(5, (3, 4, 4), width=16, noise_dim=3), sigma=0.5)
+    whole, index = whole_batch(lambda rank, world_size: train_text.TrainingBatches(
+        stage, train, prior, train.null("cpu"), args, rank, world_size))
+    x1, (pooled, _) = train.batch(index, "cpu")
+    if stage == "mapper":  # x1, pooled tau(y), z
+        assert torch.equal(whole[0], x1) and torch.equal(whole[1], pooled) and whole[2].shape == (12, 3)
+        return
+    assert torch.equal(whole[1], x1)  # x0, x1, t, pooled, tokens: the data of the batch, in order
+    kept = whole[3].abs().sum(1) > 0  # a dropped caption is the null caption ""
+    assert torch.equal(whole[3][kept], pooled[kept]) and 0 < kept.sum() < 12
+
+
+def test_resume_skips_a_corrupted_checkpoint_and_removes_partial_writes(tmp_path, shapes_run, capsys):
+    shutil.copytree(shapes_run, tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step_0000004.pt"
+    flip_weight_bytes(newest)  # loads silently: only the checksum tells
+    partial = [newest.parent / "step_0000006.pt.4242.tmp", tmp_path / "run" / "args.json.7.tmp",
+               tmp_path / "run" / "mapper" / "step_0000006.pt.7.tmp"]
+    for path in partial:
+        path.write_bytes(b"cut short by a crash")
+    with pytest.raises(SystemExit, match=f"^error: {newest} is corrupted"):
+        train_text.load_for_sampling(str(tmp_path / "run"), "cpu")
+    capsys.readouterr()
+    run(tmp_path / "run", "--mapper-steps", "4", "--steps", "4", "--resume")
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == [(f"note: {newest} is corrupted (its contents do not match their checksum): refused: "
+                     f"resuming from the previous valid checkpoint {newest.parent / 'step_0000002.pt'}")]
+    assert not any(path.exists() for path in partial)
+    assert_same_state(load(newest)["model"], load(shapes_run / "checkpoints" / "step_0000004.pt")["model"])
