@@ -23,8 +23,9 @@ Two nodes (run on each node with its rank):
 Resume an interrupted run from the latest checkpoint in --out: the same command plus --resume.
 
 Outputs in --out: args.json (resolved arguments), log.jsonl (step, loss, lr, images/s, transport
-cost, gradient norm), checkpoints/step_XXXXXXX.pt, samples/step_XXXXXXX_nfe_N.png (EMA weights,
-one row per class). sample.py loads the checkpoints through load_for_sampling() below.
+cost, gradient norm, time waiting for the batch), checkpoints/step_XXXXXXX.pt,
+samples/step_XXXXXXX_nfe_N.png (EMA weights, one row per class). sample.py loads the checkpoints
+through load_for_sampling() below.
 
 Why a DiT (Peebles & Xie, 2023) rather than an ADM UNet: on 8x8 latents a patch-2 transformer sees
 16 tokens, so it is small and fast; adaLN-zero conditioning on (time + class) starts every block
@@ -582,14 +583,16 @@ def start_outputs(args, step):
 
 def write_log(args, done, sums, start, grad_norm, rank, world_size, device):
     """One log.jsonl line (rank 0) with the means over the global batches since the last line (at time
-    `start`): `sums` (loss, transport cost, steps) is all-reduced over the processes. Returns the loss."""
+    `start`): `sums` (loss, transport cost, seconds waiting for batches, steps) is all-reduced over the
+    processes. Returns the loss."""
     if world_size > 1:
         dist.all_reduce(sums)
-    loss_sum, cost_sum, count = sums.tolist()
+    loss_sum, cost_sum, wait_sum, count = sums.tolist()
     lr, elapsed = flow.warmup_lr(args.lr, done - 1, args.warmup_steps), time.perf_counter() - start
     record = {"step": done, "loss": loss_sum / count, "lr": lr,
               "images_per_s": args.global_batch * count / world_size / elapsed,
-              "transport_cost": cost_sum / count, "grad_norm": grad_norm}
+              "transport_cost": cost_sum / count, "grad_norm": grad_norm,
+              "data_wait_ms": 1000 * wait_sum / count}  # > 0 when the --workers fall behind
     if device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     log_path = os.path.join(args.out, "log.jsonl")
@@ -692,17 +695,21 @@ def main(args):
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{world_size} process(es) on {device}")
 
-    sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
+    sums, start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
     progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0 or args.quiet)
-    for step, batch in zip(progress, loader):
+    batches_ahead = iter(loader)
+    for step in progress:
+        waited = time.perf_counter()
+        batch = next(batches_ahead)  # waits only when the workers fall behind the training steps
+        waited = time.perf_counter() - waited
         loss, cost, grad_norm = train_step(step, batch, model, forward, optimizer, args, world_size, device)
         flow.update_ema(ema, model, ema_decay(step, args))
-        sums += torch.tensor([loss, cost, 1.0], dtype=torch.float64)
+        sums += torch.tensor([loss, cost, waited, 1.0], dtype=torch.float64)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             loss = write_log(args, done, sums, start, grad_norm, rank, world_size, device)
             progress.set_postfix(loss=f"{loss:.4f}")
-            sums, start = torch.zeros(3, dtype=torch.float64), time.perf_counter()
+            sums, start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
         # The checkpoint first: a failing sample grid must not lose the training since the last one.
         if done % args.ckpt_every == 0 or done == args.steps:
             save_checkpoint(args, config, done, model, ema, optimizer, prior, rank)

@@ -1,12 +1,17 @@
-"""Training throughput of train_class.py for the four prior x coupling combinations.
+"""Training throughput of train_class.py for the four prior x coupling combinations, with the batches
+prepared in the training process (--workers 0) and in DataLoader workers (--workers 1 or more).
 
 Every combination is trained the way a user runs it (python train_class.py ...), with the same
-model, batch, data and seed; the combinations take turns (round-robin, --rounds rounds of one
+model, batch, data and seed; the configurations take turns (round-robin, --rounds rounds of one
 fresh run each), so that a change in machine load hits all of them alike. A round's rate comes
 from the run's log.jsonl and leaves out its first --untimed-steps (process start-up, first calls).
-Prints images/s (median over rounds) and the overhead relative to CondOT (gaussian prior,
-independent pairs), plus the time of prior sampling and coupling alone per batch, the only work
-in which the combinations differ.
+Prints, per worker count, images/s and the time per training step (median over rounds), the
+overhead relative to CondOT (gaussian prior, independent pairs), the time a step waited for its batch
+(log.jsonl's data_wait_ms: the batch preparation on the step's critical path), and the time to
+prepare one global batch alone (train_class.TrainingBatches: per-example noise, time and dropout,
+prior samples and coupling), the only work in which the combinations differ. With workers, that
+preparation runs beside the training step, so OT costs the step nothing while the workers keep up;
+the wait shows it directly, where images/s on a shared machine also carries the machine's noise.
 
 Run:
     python benchmarks/train_class_throughput.py                       # tiny DiT, digits, batch 64
@@ -17,6 +22,7 @@ Run:
 Options that --help does not list (--data, --data-root, ...) are passed on to train_class.py.
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -29,66 +35,81 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import flow
 import train_class
 
 COMBINATIONS = [("gaussian", "independent"), ("gaussian", "ot"), ("class", "independent"), ("class", "ot")]
 
 
-def train(prior, coupling, out, options, train_options):
-    """One fresh train_class.py run; its images/s over the steps after the untimed ones."""
+def train(prior, coupling, workers, out, options, train_options):
+    """One fresh train_class.py run; its images/s and batch wait (ms per step) after the untimed steps."""
     steps = options.untimed_steps + options.steps_per_round
     # Logging every --untimed-steps puts the untimed steps in the first log line alone; checkpoints
     # and sample grids come only after the last line, so no timed interval includes them.
     command = [sys.executable, os.path.join(ROOT, "train_class.py"), "--prior", prior, "--coupling", coupling,
                "--model", options.model, "--global-batch", str(options.global_batch), "--steps", str(steps),
                "--log-every", str(options.untimed_steps), "--ckpt-every", str(steps),
-               "--sample-every", str(steps), "--quiet", "--out", out, *train_options]
+               "--sample-every", str(steps), "--workers", str(workers), "--quiet", "--out", out,
+               *train_options]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(options.threads)})
     with open(os.path.join(out, "log.jsonl")) as file:
-        rates = [json.loads(line)["images_per_s"] for line in file][1:]
-    return statistics.harmonic_mean(rates)  # equal steps per line: total images / total time
+        records = [json.loads(line) for line in file][1:]
+    # Equal steps per line: the harmonic mean is total images / total time, the mean the wait per step.
+    return (statistics.harmonic_mean([r["images_per_s"] for r in records]),
+            statistics.mean([r["data_wait_ms"] for r in records]))
 
 
-def coupling_ms(run, repeats=20):
-    """Milliseconds to sample the prior and couple one batch, with the run's fitted prior. A second
-    prior draw stands in for the data batch: its values barely change the cost of the assignment."""
-    sampler = train_class.load_for_sampling(run, "cpu")
+def preparation_ms(run, repeats=20):
+    """Milliseconds to prepare one global batch in one process (TrainingBatches, as a DataLoader worker
+    runs it), with the run's data and fitted prior."""
     with open(os.path.join(run, "args.json")) as file:
-        args = json.load(file)
-    labels = torch.arange(args["global_batch"]) % sampler.num_classes
-    x1 = sampler.prior.sample(labels)
-    groups = labels if args["prior"] == "class" else None  # as train_class: OT only within a class
+        args = argparse.Namespace(**json.load(file))
+    x, y, num_classes, _ = train_class.load_data(args, 0, 1, torch.device("cpu"))
+    batches = train_class.TrainingBatches(x, y, train_class.load_for_sampling(run, "cpu").prior, args,
+                                          num_classes, 0, 1)
     start = time.perf_counter()
-    for _ in range(repeats):
-        flow.couple(sampler.prior.sample(labels), x1, args["coupling"], groups=groups)
+    for step in range(repeats):
+        batches[step]
     return 1000 * (time.perf_counter() - start) / repeats
+
+
+def summarise(rates, waits, work, options):
+    """Medians over rounds per (workers, combination), printed and returned; batch preparation timed
+    on round 0's runs."""
+    results = {}
+    for workers, name in rates:
+        rate, wait = statistics.median(rates[workers, name]), statistics.median(waits[workers, name])
+        overhead = 100 * (statistics.median(rates[workers, "gaussian-independent"]) / rate - 1)
+        milliseconds = preparation_ms(os.path.join(work, "round0", f"workers{workers}-{name}"))
+        step_ms = 1000 * options.global_batch / rate
+        results.setdefault(f"workers={workers}", {})[name] = {
+            "images_per_s": rate, "step_ms": step_ms, "overhead_vs_condot_percent": overhead,
+            "data_wait_ms": wait, "batch_preparation_ms": milliseconds}
+        print(f"workers {workers}  {name:22s} {rate:8.1f} images/s  step {step_ms:7.1f} ms  "
+              f"overhead {overhead:+6.1f}%  waiting for the batch {wait:6.2f} ms  "
+              f"batch preparation {milliseconds:.2f} ms")
+    return results
 
 
 def main(options, train_options):
     torch.set_num_threads(options.threads)
-    rates = {f"{p}-{c}": [] for p, c in COMBINATIONS}
+    configurations = list(itertools.product(options.workers, COMBINATIONS))
+    rates, waits = ({(workers, f"{p}-{c}"): [] for workers, (p, c) in configurations} for _ in range(2))
     with tempfile.TemporaryDirectory() as work:  # the runs themselves are of no further use
         for round_index in range(options.rounds):
-            for prior, coupling in COMBINATIONS:
-                out = os.path.join(work, f"round{round_index}", f"{prior}-{coupling}")
-                rates[f"{prior}-{coupling}"].append(train(prior, coupling, out, options, train_options))
-        baseline = statistics.median(rates["gaussian-independent"])
-        results = {}
-        for prior, coupling in COMBINATIONS:
-            name = f"{prior}-{coupling}"
-            rate = statistics.median(rates[name])
-            overhead = 100 * (baseline / rate - 1)
-            milliseconds = coupling_ms(os.path.join(work, "round0", name))
-            results[name] = {"images_per_s": rate, "overhead_vs_condot_percent": overhead,
-                             "coupling_ms_per_batch": milliseconds}
-            print(f"{name:22s} {rate:8.1f} images/s  overhead {overhead:+6.1f}%  "
-                  f"prior+coupling {milliseconds:.2f} ms/batch")
+            for workers, (prior, coupling) in configurations:
+                out = os.path.join(work, f"round{round_index}", f"workers{workers}-{prior}-{coupling}")
+                rate, wait = train(prior, coupling, workers, out, options, train_options)
+                rates[workers, f"{prior}-{coupling}"].append(rate)
+                waits[workers, f"{prior}-{coupling}"].append(wait)
+        results = summarise(rates, waits, work, options)
+        per_round = {f"workers={workers} {name}": {"images_per_s": rates[workers, name],
+                                                    "data_wait_ms": waits[workers, name]}
+                     for workers, name in rates}
         json_path = os.path.join(work, "throughput.json") if options.smoke else options.json
         if json_path:
             with open(json_path, "w") as file:
                 json.dump({"options": vars(options), "train_class_options": train_options, "results": results,
-                           "rates_per_round": rates}, file, indent=1)
+                           "per_round": per_round}, file, indent=1)
 
 
 if __name__ == "__main__":
@@ -101,14 +122,20 @@ if __name__ == "__main__":
     parser.add_argument("--untimed-steps", type=int, default=5,
                         help="untimed first steps of every run; --steps-per-round must be a multiple")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (OMP_NUM_THREADS)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
+                        help="train_class.py --workers values to compare (0: in the training process)")
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument("--smoke", action="store_true",
-                        help="check that the benchmark runs: 1 round of 1 + 2 steps, batch 16, nothing kept")
+                        help="check that the benchmark runs: 1 round of 1 + 2 steps, batch 16, workers 1, "
+                             "nothing kept")
     options, train_options = parser.parse_known_args()
     if options.smoke:
         options.rounds, options.steps_per_round, options.untimed_steps, options.global_batch = 1, 2, 1, 16
+        options.workers = [1]
     if min(options.rounds, options.steps_per_round, options.untimed_steps, options.global_batch) < 1:
         parser.error("--rounds, --steps-per-round, --untimed-steps and --global-batch must be positive")
+    if min(options.workers) < 0:
+        parser.error("--workers must be 0 or more")
     if options.steps_per_round % options.untimed_steps:
         parser.error("--steps-per-round must be a multiple of --untimed-steps (one log line each)")
     main(options, train_options)

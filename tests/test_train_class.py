@@ -97,6 +97,7 @@ def test_run_writes_everything(digits_run):
     records = [json.loads(line) for line in (digits_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["transport_cost"] > 0 for r in records)
+    assert all(0 <= r["data_wait_ms"] < 1000 / r["images_per_s"] * 16 for r in records)  # part of the step
     assert records[0]["lr"] == pytest.approx(0.5e-3) and records[-1]["lr"] == pytest.approx(1e-3)  # warmup
     assert sorted(os.listdir(digits_run / "checkpoints")) == ["step_0000002.pt", "step_0000004.pt"]
     assert {"step_0000004_nfe_1.png", "step_0000004_nfe_2.png"} <= set(os.listdir(digits_run / "samples"))
