@@ -202,7 +202,8 @@ def test_bad_inputs(tmp_path, checkpoint, digits_ref):
     assert "lower --kid-subset-size" in error_of(["--ckpt", checkpoint, "--fid-ref", digits_ref, "--kid",
                                                   "--num-images", "50"] + out)
     not_a_reference = os.path.join(checkpoint, "args.json")
-    assert "not a reference" in error_of(["--ckpt", checkpoint, "--fid-ref", not_a_reference] + out)
+    assert "not an npz file of reference statistics" in error_of(["--ckpt", checkpoint, "--fid-ref",
+                                                                 not_a_reference] + out)
     assert "trains on pixels" in error_of(["--ckpt", checkpoint, "--fid-ref", digits_ref,
                                            "--vae-floor", "builtin-digits"] + out)
     with pytest.raises(SystemExit):  # argparse: an odd NFE for the midpoint solver
