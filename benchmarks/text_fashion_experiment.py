@@ -13,6 +13,8 @@ caption judge of benchmarks/caption_judge.py. Stages:
             the seen and of the held-out images (N each) against real canvases of the same splits
             (even-numbered canvases: the reference; odd-numbered: the real and autoencoder rows);
             the mapper's validation losses and the training transport cost from each log.jsonl
+    swap    for the held-out-word prompts: the prior's centre and the flow's condition each from the
+            caption or from its seen paraphrase (same noise), judged: which part loses the word?
     report  markdown tables (one per encoder), all-correct accuracy against NFE (PNG) and every
             number (JSON) into --docs, with the decoded mapper means of the text-prior runs
 
@@ -26,8 +28,10 @@ minutes of wall time on 2 shared cores, 9 of them the caches):
 """
 import argparse
 import glob
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -303,6 +307,63 @@ def evaluate(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage swap: which part of a run loses the held-out words, the prior or the flow?
+
+
+def paraphrase(caption):
+    """A held-out-word Caption's text with its class's first (seen) word instead."""
+    import train_text
+
+    words = train_text.ITEM_WORDS[caption.label]
+    text = re.sub(rf"\b{re.escape(words[2])}\b", words[0], caption.text)
+    return re.sub(r"\ban (?=[^aeiou])", "a ", re.sub(r"\ba (?=[aeiou])", "an ", text))  # fix the article
+
+
+def swap(args):
+    """Every held-out-word prompt of the eval, --images-per-prompt images from the same noise, with the
+    prior's centre and the flow's condition each taken from the caption or from its seen paraphrase,
+    judged at NFE 4 (or the largest --nfe below it): OUT/eval/swap.json."""
+    import caption_judge
+    import torch
+
+    import train_text
+
+    truth = {c.text: c for c in train_text.fashion_captions()}
+    with open(prompt_file(args)) as file:
+        held = [p for p in file.read().splitlines() if truth[p].held_out == "word"] * args.images_per_prompt
+    captions = {"caption": held, "paraphrase": [paraphrase(truth[p]) for p in held]}
+    judge = caption_judge.CaptionJudge.load_or_train(args.judge_weights, args.data_root, **args.judge_budget)
+    nfe = max(n for n in [*args.nfe, 1] if n <= 4)
+    results = {"nfe": nfe, "images": len(held), "runs": {}}
+    for config, encoder in runs(args):
+        run = os.path.join(args.out, "runs", run_name(config, encoder))
+        sampler = train_text.load_for_sampling(run, "cpu")
+        noise = torch.stack([torch.randn(sampler.latent_shape, generator=torch.Generator().manual_seed(i))
+                             for i in range(len(held))])
+        conditions = {name: sampler.make_condition(texts) for name, texts in captions.items()}
+        scores = results["runs"][run_name(config, encoder)] = {}
+        for prior_from, flow_from in itertools.product(conditions, repeat=2):
+            with torch.no_grad():
+                x0 = sampler.prior.sample(conditions[prior_from], noise)
+                velocity = flow.guided_velocity(sampler.model, conditions[flow_from],
+                                                sampler.null_condition(len(x0)))
+                images = sampler.decode(flow.solve(velocity, x0, nfe).x)
+            score = caption_judge.score(judge(images), held)
+            scores[f"prior: {prior_from}, flow: {flow_from}"] = {k: float(v) for k, v in score.items()}
+    save_json(results, os.path.join(args.out, "eval", "swap.json"))
+    return []
+
+
+def swap_table(swapped):
+    keys = list(next(iter(swapped["runs"].values())))
+    rows = [[name, *(percent(scores[key]["all"]) for key in keys)]
+            for name, scores in swapped["runs"].items()]
+    return (f"Held-out-word captions, all correct % at NFE {swapped['nfe']} (N = {swapped['images']}), "
+            "with the prior's centre and the flow's condition from the caption or its seen paraphrase:\n\n"
+            + table(["run", *keys], rows))
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage report.
 
 
@@ -424,8 +485,15 @@ def report(args):
     encoders = [e for e in ENCODERS if any(name.endswith(f"-{e}") for name in results["runs"])]
     results["targets"] = {encoder: targets(results, encoder) for encoder in encoders}
     save_json(results, os.path.join(args.docs, "text_fashion_results.json"))
+    parts = [report_markdown(results, encoder) for encoder in encoders]
+    swap_path = os.path.join(args.out, "eval", "swap.json")
+    if os.path.isfile(swap_path):
+        with open(swap_path) as file:
+            results["swap"] = json.load(file)
+        parts.append(swap_table(results["swap"]))
+        save_json(results, os.path.join(args.docs, "text_fashion_results.json"))
     with open(os.path.join(args.docs, "text_fashion_tables.md"), "w") as file:
-        file.write("\n\n".join(report_markdown(results, encoder) for encoder in encoders) + "\n")
+        file.write("\n\n".join(parts) + "\n")
     plot(results, encoders, os.path.join(args.docs, "text_fashion_accuracy_vs_nfe.png"))
     for encoder in encoders:  # P's decoded means for seen and held-out wordings
         means = os.path.join(args.out, "runs", run_name("text", encoder), "mapper_means.png")
@@ -444,7 +512,7 @@ def main(args):
     failed = []
     for stage in args.stages:
         start = time.perf_counter()
-        failed += {"train": train, "eval": evaluate, "report": report}[stage](args)
+        failed += {"train": train, "eval": evaluate, "swap": swap, "report": report}[stage](args)
         print(f"stage {stage}: {time.perf_counter() - start:.0f} s", flush=True)
     if failed:
         raise SystemExit(f"error: {len(failed)} commands failed, see {failed}")
@@ -472,7 +540,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("stages", nargs="*", help="what to run, in order: train, eval, report (default: all)")
+    add("stages", nargs="*", help="what to run, in order: train, eval, swap, report (default: all)")
     add("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     add("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"), help="TAEF2 folder")
     add("--text-encoder", default=os.path.join(ROOT, "runs", "minilm", "all-MiniLM-L6-v2"),
@@ -500,9 +568,9 @@ def parse_args(argv=None):
     add("--quiet", action="store_true", help="no progress bars in this process")
     add("--smoke", action="store_true", help="tiny budget on the CPU under a temporary folder")
     args = parser.parse_args(argv)
-    args.stages = args.stages or ["train", "eval", "report"]
-    if set(args.stages) - {"train", "eval", "report"}:
-        parser.error(f"unknown stages {args.stages}: choose from train, eval, report")
+    args.stages = args.stages or ["train", "eval", "swap", "report"]
+    if set(args.stages) - {"train", "eval", "swap", "report"}:
+        parser.error(f"unknown stages {args.stages}: choose from train, eval, swap, report")
     args.judge_budget = {"progress": not args.quiet}
     if args.smoke:
         smoke(args)
