@@ -49,9 +49,10 @@ import flow
 CONFIGS = {"condot": ["--prior", "gaussian", "--coupling", "independent"],
            "batchot": ["--prior", "gaussian", "--coupling", "ot"],
            "text": ["--prior", "text", "--coupling", "independent"],
-           "text-ot": ["--prior", "text", "--coupling", "ot"]}
+           "text-ot": ["--prior", "text", "--coupling", "ot"],
+           "text-ot-sigma1": ["--prior", "text", "--coupling", "ot", "--prior-sigma", "1"]}
 NAMES = {"condot": "CondOT (N(0, I))", "batchot": "BatchOT", "text": "text prior",
-         "text-ot": "text prior + OT"}
+         "text-ot": "text prior + OT", "text-ot-sigma1": "text prior + OT, sigma 1"}
 ENCODERS = ("minilm", "builtin")
 NFE = (1, 2, 4, 8, 16)
 SPLITS = ("val", "heldout-word", "heldout-template", "heldout-combination")  # the eval splits
@@ -64,6 +65,19 @@ def run_name(config, encoder):
 
 def runs(args):
     return [(config, encoder) for encoder in args.encoders for config in args.configs]
+
+
+def trained_runs(args):
+    """(name, folder) of every run of --configs x --encoders that has a checkpoint; one line for each
+    that has none (not trained, e.g. an ablation run for one encoder only)."""
+    found = []
+    for config, encoder in runs(args):
+        run = os.path.join(args.out, "runs", run_name(config, encoder))
+        if glob.glob(os.path.join(run, "checkpoints", "step_*.pt")):
+            found.append((run_name(config, encoder), run))
+        else:
+            print(f"no checkpoint in {run}: skipped", flush=True)
+    return found
 
 
 def encoder_option(args, encoder):
@@ -137,18 +151,14 @@ def prompt_file(args):
 
 def sample_commands(args, prompts):
     commands = []
-    for config, encoder in runs(args):
-        run = os.path.join(args.out, "runs", run_name(config, encoder))
-        if not glob.glob(os.path.join(run, "checkpoints", "step_*.pt")):
-            print(f"no checkpoint in {run}: skipped", flush=True)
-            continue
+    for name, run in trained_runs(args):
         if samples_done(args, run, prompts):
             print(f"{run}: samples of its latest checkpoint for these prompts exist: reused", flush=True)
             continue
         command = python("sample.py", "--ckpt", run, "--prompts", prompt_file(args), "--nfe", *args.nfe,
                          "--num-images", len(prompts) * args.images_per_prompt, "--batch-size", 256,
                          "--out", os.path.join(run, "eval", "euler"), "--overwrite", "--quiet")
-        commands.append((command, os.path.join(args.out, "logs", f"{run_name(config, encoder)}-sample.log")))
+        commands.append((command, os.path.join(args.out, "logs", f"{name}-sample.log")))
     return commands
 
 
@@ -298,10 +308,9 @@ def evaluate(args):
                          "reference_images_per_group": evaluator.reference_images,
                          "judge_classifier": evaluator.judge.info, "nfe": list(args.nfe)},
                "floors": evaluator.floors(), "runs": {}}
-    for config, encoder in runs(args):
-        run = os.path.join(args.out, "runs", run_name(config, encoder))
+    for name, run in trained_runs(args):
         measured = evaluate_run(evaluator, run, prompts, split_of_prompt)
-        results["runs"][run_name(config, encoder)] = {**read_log(run), "nfe": measured}
+        results["runs"][name] = {**read_log(run), "nfe": measured}
     save_json(results, os.path.join(args.out, "eval", "results.json"))
     return failed
 
@@ -335,13 +344,12 @@ def swap(args):
     judge = caption_judge.CaptionJudge.load_or_train(args.judge_weights, args.data_root, **args.judge_budget)
     nfe = max(n for n in [*args.nfe, 1] if n <= 4)
     results = {"nfe": nfe, "images": len(held), "runs": {}}
-    for config, encoder in runs(args):
-        run = os.path.join(args.out, "runs", run_name(config, encoder))
+    for name, run in trained_runs(args):
         sampler = train_text.load_for_sampling(run, "cpu")
         noise = torch.stack([torch.randn(sampler.latent_shape, generator=torch.Generator().manual_seed(i))
                              for i in range(len(held))])
         conditions = {name: sampler.make_condition(texts) for name, texts in captions.items()}
-        scores = results["runs"][run_name(config, encoder)] = {}
+        scores = results["runs"][name] = {}
         for prior_from, flow_from in itertools.product(conditions, repeat=2):
             with torch.no_grad():
                 x0 = sampler.prior.sample(conditions[prior_from], noise)
@@ -550,7 +558,8 @@ def parse_args(argv=None):
     add("--judge-weights", default=None,
         help="caption judge classifier, trained there if absent (default OUT/judge_classifier.pt)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the caches")
-    add("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="configurations")
+    add("--configs", nargs="+", default=list(CONFIGS)[:4], choices=list(CONFIGS),
+        help="configurations (text-ot-sigma1: the text prior + OT with sigma 1, an ablation)")
     add("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, help="text encoders")
     add("--model", default="small", help="train_text.py --model")
     add("--steps", type=int, default=4000, help="flow steps of every run")
