@@ -166,9 +166,13 @@ def fashion_captions():
             continue
         for size_word, tone_word in itertools.product(SIZE_WORDS[size], TONE_WORDS[tone]):
             text = TEMPLATES[template].format(size=size_word, tone=tone_word, item=ITEM_WORDS[label][word])
-            text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a overcoat" -> "an overcoat"
-            captions.append(Caption(text, label, size, tone, "".join(held_out)))
+            captions.append(Caption(with_articles(text), label, size, tone, "".join(held_out)))
     return captions
+
+
+def with_articles(text):
+    """'a' before a vowel, 'an' before a consonant: "a overcoat" -> "an overcoat"."""
+    return re.sub(r"\ban (?=[^aeiou])", "a ", re.sub(r"\ba (?=[aeiou])", "an ", text))
 
 
 class FashionCanvases(torch.utils.data.Dataset):

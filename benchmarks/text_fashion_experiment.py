@@ -324,8 +324,7 @@ def paraphrase(caption):
     import train_text
 
     words = train_text.ITEM_WORDS[caption.label]
-    text = re.sub(rf"\b{re.escape(words[2])}\b", words[0], caption.text)
-    return re.sub(r"\ban (?=[^aeiou])", "a ", re.sub(r"\ba (?=[aeiou])", "an ", text))  # fix the article
+    return train_text.with_articles(re.sub(rf"\b{re.escape(words[2])}\b", words[0], caption.text))
 
 
 def swap(args):
