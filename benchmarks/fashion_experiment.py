@@ -211,21 +211,30 @@ def save_json(obj, path):
         json.dump(obj, file, indent=2)
 
 
-def main(args):
+def run_stages(args, stages):
+    """Run args.stages in order, each a function of args returning the commands that failed (this
+    experiment's and text_fashion_experiment.py's); one line at the end if any failed."""
     os.makedirs(args.out, exist_ok=True)
     save_json(vars(args), os.path.join(args.out, "experiment_args.json"))
     failed = []
     for stage in args.stages:
         start = time.perf_counter()
-        if stage == "report":
-            import fashion_report
-
-            fashion_report.main(fashion_report.parse_args(["--out", args.out, "--docs", args.docs]))
-        else:
-            failed += {"prepare": lambda a: prepare(a) or [], "train": train, "eval": evaluate}[stage](args)
+        failed += stages[stage](args)
         print(f"stage {stage}: {time.perf_counter() - start:.0f} s", flush=True)
     if failed:
         raise SystemExit(f"error: {len(failed)} commands failed, see {failed}")
+
+
+def report(args):
+    import fashion_report
+
+    fashion_report.main(fashion_report.parse_args(["--out", args.out, "--docs", args.docs]))
+    return []
+
+
+def main(args):
+    run_stages(args, {"prepare": lambda a: prepare(a) or [], "train": train, "eval": evaluate,
+                      "report": report})
 
 
 def write_smoke_inputs(folder):

@@ -42,7 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from fashion_experiment import python, run_all, save_json  # the same process runner
+from fashion_experiment import python, run_all, run_stages, save_json  # the same runner
 
 import flow
 
@@ -514,15 +514,7 @@ def report(args):
 
 
 def main(args):
-    os.makedirs(args.out, exist_ok=True)
-    save_json(vars(args), os.path.join(args.out, "experiment_args.json"))
-    failed = []
-    for stage in args.stages:
-        start = time.perf_counter()
-        failed += {"train": train, "eval": evaluate, "swap": swap, "report": report}[stage](args)
-        print(f"stage {stage}: {time.perf_counter() - start:.0f} s", flush=True)
-    if failed:
-        raise SystemExit(f"error: {len(failed)} commands failed, see {failed}")
+    run_stages(args, {"train": train, "eval": evaluate, "swap": swap, "report": report})
 
 
 def smoke(args):
