@@ -40,6 +40,7 @@ sample.py loads the checkpoints through load_for_sampling() below.
 import argparse
 import collections
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -440,9 +441,15 @@ def encode_images(args, images, path, rank, world_size, device):
         np.save(path.format(rank), torch.cat(latents).numpy())
 
 
-def cached_text(args, folder, captions, rank, device):
-    """(pooled, tokens) of `captions`, memory-mapped from FOLDER/text-{encoder}, made once by rank 0:
-    one cache per text encoder, beside the latents they share."""
+def lazy_text_encoder(args, device):
+    """A function that loads --text-encoder on its first call and returns that one afterwards: the
+    splits' text caches share one load, and none happens when every cache exists."""
+    return functools.cache(lambda: load_text_encoder(args.text_encoder, args.text_length, device))
+
+
+def cached_text(args, folder, captions, rank, text_encoder):
+    """(pooled, tokens) of `captions`, memory-mapped from FOLDER/text-{encoder}, made once by rank 0
+    with text_encoder() (see lazy_text_encoder): one cache per encoder, beside the latents they share."""
     slug = re.sub(r"\W+", "-", os.path.basename(args.text_encoder.rstrip("/")))
     folder = os.path.join(folder, f"text-{slug}-{args.text_length}")
     info_path = os.path.join(folder, "info.json")
@@ -450,8 +457,7 @@ def cached_text(args, folder, captions, rank, device):
               "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest()}
     if rank == 0 and not os.path.isfile(info_path):
         os.makedirs(folder, exist_ok=True)
-        encoder = load_text_encoder(args.text_encoder, args.text_length, device)
-        pooled, tokens = encode_captions(encoder, captions, progress=not args.quiet)
+        pooled, tokens = encode_captions(text_encoder(), captions, progress=not args.quiet)
         np.save(os.path.join(folder, "pooled.npy"), pooled)
         np.save(os.path.join(folder, "tokens.npy"), tokens)
         save_json(wanted, info_path)  # written last: marks a complete cache
@@ -463,9 +469,9 @@ def cached_text(args, folder, captions, rank, device):
     return tuple(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r") for name in ("pooled", "tokens"))
 
 
-def cached_split(args, name, rank, world_size, device, normalisation=None):
+def cached_split(args, name, rank, world_size, device, normalisation=None, text_encoder=None):
     """(Split of normalised latents, normalisation) of split `name`, from its cache in
-    --latent-cache/{name}, built first if it is not complete.
+    --latent-cache/{name}, built first if it is not complete (text_encoder: see cached_text).
 
     The raw latents of an autoencoder are far from unit variance per channel, which would make
     N(0, I) and sigma mean different things in every channel. So x = (z - mean_c) / std_c, with the
@@ -500,7 +506,8 @@ def cached_split(args, name, rank, world_size, device, normalisation=None):
     latents = np.concatenate([np.load(latent_file.format(r)) for r in range(info["world_size"])
                               if os.path.isfile(latent_file.format(r))])
     split = make_split((latents - mean) / std, texts, image_of_pair,
-                       lambda distinct: cached_text(args, cache, distinct, rank, device))
+                       lambda distinct: cached_text(args, cache, distinct, rank,
+                                                    text_encoder or lazy_text_encoder(args, device)))
     return split, normalisation
 
 
@@ -509,11 +516,12 @@ def load_data(args, rank, world_size, device):
     if args.data == "shapes":
         return shape_splits(args, load_text_encoder(args.text_encoder, args.text_length, device)), {}
     names = FASHION_SPLITS if args.data == "fashion-captions" else [args.coco_split, args.coco_val_split]
-    train, normalisation = cached_split(args, names[0], rank, world_size, device)
+    text_encoder = lazy_text_encoder(args, device)  # loaded once, if a text cache must be built
+    train, normalisation = cached_split(args, names[0], rank, world_size, device, text_encoder=text_encoder)
     splits = {"train": train}
     for name in names[1:]:
-        splits["val" if name == args.coco_val_split else name] = cached_split(args, name, rank, world_size,
-                                                                            device, normalisation)[0]
+        splits["val" if name == args.coco_val_split else name] = cached_split(
+            args, name, rank, world_size, device, normalisation, text_encoder)[0]
     return splits, normalisation
 
 

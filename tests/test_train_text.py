@@ -322,8 +322,11 @@ def test_fashion_canvas_draws_the_item_at_its_size_place_and_tone():
     assert gains[::2].max() <= 0.45 and gains[1::2].min() >= 0.9
 
 
-def test_fashion_captions_run_with_a_sentence_encoder(tmp_path):
+def test_fashion_captions_run_with_a_sentence_encoder(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
+    loads = []  # the five splits' text caches share one load of the encoder; none once they exist
+    load_text_encoder = train_text.load_text_encoder
+    monkeypatch.setattr(train_text, "load_text_encoder", lambda *a: loads.append(a) or load_text_encoder(*a))
     write_fashion(tmp_path / "fashion", train=30, test=25)
     write_taef2(tmp_path / "taef2")
     bert = write_tiny_bert(tmp_path / "bert")
@@ -332,9 +335,11 @@ def test_fashion_captions_run_with_a_sentence_encoder(tmp_path):
                str(tmp_path / "taef2"), "--text-encoder", bert, "--image-size", "32", "--workers", "0",
                "--mapper-steps", "2", "--steps", "2"]
     run(out, *options)
+    assert len(loads) == 1
     args = train_text.parse_args(["--out", str(out), *options])
     splits, _ = train_text.load_data(args, 0, 1, torch.device("cpu"))  # from the caches
-    assert list(splits) == list(train_text.FASHION_SPLITS)
+    assert list(splits) == list(train_text.FASHION_SPLITS) and len(loads) == 1
+    monkeypatch.undo()
     truth = {c.text: c for c in train_text.fashion_captions()}
     assert len(splits["train"]) == 60 and splits["train"].images.shape == (30, 32, 4, 4)  # 2 captions each
     for name, split in splits.items():
