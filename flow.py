@@ -330,6 +330,19 @@ def update_ema(ema, model, decay):
         ema_param.lerp_(param.detach(), 1 - decay)
 
 
+def out_folder_problem(out):
+    """Why `out` cannot become an output folder (an existing file, or not in a writable folder), or None:
+    checked before any work starts, so that nothing is computed that cannot be saved."""
+    if os.path.isfile(out):
+        return f"{out} is an existing file, not a folder"
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the folder that `out` will be made in
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+        return f"{existing} is not a writable folder"
+    return None
+
+
 @contextlib.contextmanager
 def write_errors(path):
     """An OSError while writing `path` (disk full, no permission, a parent that is a file) -> one line."""

@@ -34,6 +34,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -255,7 +256,8 @@ def main(args):
     refuse_existing(args)
     if args.cfg_scale != 1 and not sampler.trained_with_dropout and rank == 0:
         print(f"warning: --cfg-scale {args.cfg_scale} on a model trained without label dropout: "
-              "its null branch was never trained, so guidance extrapolates towards an untrained output")
+              "its null branch was never trained, so guidance extrapolates towards an untrained output",
+              file=sys.stderr)
     if (args.vae_floor or args.kid) and not args.fid_ref:
         raise SystemExit("error: --vae-floor and --kid need --fid-ref REF.npz")
     fid, reference, space = load_metrics(args, sampler, device) if args.fid_ref else (None, None, None)
@@ -344,18 +346,22 @@ def parse_args(argv=None):
                         help="real images (folder, npz): "
                              "also report the FID of their VAE reconstructions")
     args = parser.parse_args(argv)
-    if min(args.nfe) < 1 or args.num_images < 1 or args.batch_size < 1:
-        parser.error("--nfe, --num-images and --batch-size must be positive")
+    for name in ("nfe", "num_images", "batch_size"):
+        if min(np.atleast_1d(getattr(args, name))) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     per_step = flow.NFE_PER_STEP[args.solver]
     if any(nfe % per_step for nfe in args.nfe):
         parser.error(f"{args.solver} takes {per_step} evaluations per step: "
                      f"every --nfe must be a multiple of {per_step}")
-    if args.kid_subset_size < 2 or not math.isfinite(args.cfg_scale) or args.grid < 0:
-        parser.error("--kid-subset-size must be at least 2, --cfg-scale finite, --grid >= 0")
+    for wrong, problem in ((args.kid_subset_size < 2, "--kid-subset-size must be at least 2"),
+                           (not math.isfinite(args.cfg_scale), "--cfg-scale must be finite"),
+                           (args.grid < 0, "--grid must be >= 0")):
+        if wrong:
+            parser.error(problem)
     if args.fid_ref and args.num_images < 2:  # a covariance needs two images; the floors need far more
         parser.error("--fid-ref needs --num-images of at least 2 (thousands for a meaningful FD)")
-    if os.path.isfile(args.out or ""):
-        parser.error(f"--out {args.out} is an existing file, not a folder")
+    if args.out and flow.out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
     args.prompt_lines = read_prompts(args.prompts) if args.prompts else None
     return args
 

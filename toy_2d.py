@@ -400,6 +400,8 @@ def parse_args(argv=None):
         parser.error(f"--nfe values must be positive, got {args.nfe}")
     if args.prior_sigma <= 0 or (args.sigma_sweep and min(args.sigma_sweep) <= 0):
         parser.error("prior sigma must be positive")
+    if flow.out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
     return args
 
 

@@ -838,27 +838,22 @@ def check_args(parser, args):
             parser.error(f"--data-root {args.data_root} lacks the Fashion-MNIST files {missing}")
     if args.vae not in ("none", *flow.VAE_NAMES) and not os.path.isdir(args.vae):
         parser.error(f"--vae {args.vae}: not 'none', 'sd-ema', 'sd-mse' or an existing folder")
-    if not 0 <= args.cfg_dropout < 1:
-        parser.error("--cfg-dropout must lie in [0, 1)")
+    for name in ("cfg_dropout", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in [0, 1)")
     for name in ("steps", "global_batch", "max_batch_per_gpu", "log_every", "sample_every", "ckpt_every",
-                 "patch_size", "warmup_steps"):
-        if getattr(args, name) < 1:
+                 "patch_size", "warmup_steps", "max_train_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     for name in ("lr", "grad_clip", "prior_sigma"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_train_images is not None and args.max_train_images < 1:
-        parser.error("--max-train-images must be positive")
-    if min(args.sample_nfe) < 1 or args.workers < 0 or not 0 <= args.ema_decay < 1:
-        parser.error("--sample-nfe must be positive, --workers >= 0, --ema-decay in [0, 1)")
-    if os.path.isfile(args.out):
-        parser.error(f"--out {args.out} is an existing file, not a folder")
-    existing = os.path.abspath(args.out)
-    while not os.path.exists(existing):  # the folder that --out will be made in
-        existing = os.path.dirname(existing)
-    if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
-        parser.error(f"--out {args.out}: {existing} is not a writable folder")
-
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    if min(args.sample_nfe) < 1:
+        parser.error("--sample-nfe must be positive")
+    if flow.out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
 
 if __name__ == "__main__":
     main(parse_args())

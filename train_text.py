@@ -1296,21 +1296,24 @@ def check_args(parser, args):
         parser.error(f"--vae {args.vae}: not 'none', 'sd-ema', 'sd-mse' or an existing folder")
     if args.mapper_from and args.prior != "text":
         parser.error("--mapper-from needs --prior text (the Gaussian prior has no mapper)")
-    if not 0 <= args.cfg_dropout < 1 or not 0 <= args.ema_decay < 1:
-        parser.error("--cfg-dropout and --ema-decay must lie in [0, 1)")
+    for name in ("cfg_dropout", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in [0, 1)")
     for name in ("mapper_steps", "global_batch", "max_batch_per_gpu", "log_every", "sample_every",
-                 "ckpt_every", "patch_size", "warmup_steps", "text_length", "mapper_width",
-                 "max_train_images"):
+                 "ckpt_every", "patch_size", "warmup_steps", "max_train_images", "text_length",
+                 "mapper_width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     for name in ("lr", "mapper_lr", "grad_clip", "prior_sigma"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.steps < 0 or args.mapper_noise_dim < 0 or args.workers < 0 or min(args.sample_nfe) < 1:
-        parser.error("--steps, --mapper-noise-dim and --workers must be >= 0, --sample-nfe positive")
-    if os.path.isfile(args.out):
-        parser.error(f"--out {args.out} is an existing file, not a folder")
-
+    for name in ("workers", "steps", "mapper_noise_dim"):  # --steps 0: train the mapper alone
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if min(args.sample_nfe) < 1:
+        parser.error("--sample-nfe must be positive")
+    if flow.out_folder_problem(args.out):
+        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
 
 if __name__ == "__main__":
     main(parse_args())

@@ -278,6 +278,18 @@ def test_effnet_is_never_called_fid(tmp_path, effnet, capsys):
     assert result["metric"] == "FD-EffNet" and result["feature_space"] == "effnet" and result["fd"] > 0
 
 
+def test_too_few_images_for_a_covariance(capsys):
+    features = np.random.default_rng(0).normal(size=(40, 8))
+    reference = {"feature_space": "digits", "features": features, **dict(zip(("mu", "sigma"),
+                                                                           fid.gaussian_statistics(features)))}
+    with pytest.raises(SystemExit, match="at least 2 images on each side, got 1"):
+        fid.compare_to_reference(features[:1], reference)
+    assert np.isfinite(fid.compare_to_reference(features[:3], reference)["fd"])
+    assert "warning: FD from 3 images of 8-d features" in capsys.readouterr().err
+    fid.compare_to_reference(features[:20], reference)
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Image sources and the class-accuracy probe.
 

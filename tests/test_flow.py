@@ -292,6 +292,14 @@ def test_update_ema_is_the_closed_form_blend():
         torch.testing.assert_close(new, 0.9 * old + 0.1 * target)
 
 
+def test_out_folder_problem_names_a_file_or_an_unwritable_parent(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    assert flow.out_folder_problem(str(tmp_path / "new" / "run")) is None  # made later, in a writable folder
+    assert flow.out_folder_problem(str(file)) == f"{file} is an existing file, not a folder"
+    assert flow.out_folder_problem(str(file / "run")) == f"{file} is not a writable folder"
+
+
 def test_save_atomic_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
     flow.save_atomic({"step": 3}, path)

@@ -281,7 +281,7 @@ def test_metrics_module_is_imported_only_for_metrics(tmp_path, checkpoint, digit
 def test_guidance_without_label_dropout_warns(tmp_path, checkpoint, capsys):
     common = ["--ckpt", checkpoint, "--nfe", "1", "--num-images", "2", "--quiet"]
     run_sample(common + ["--cfg-scale", "2", "--out", str(tmp_path / "guided")])
-    assert "warning: --cfg-scale 2.0 on a model trained without label dropout" in capsys.readouterr().out
+    assert "warning: --cfg-scale 2.0 on a model trained without label dropout" in capsys.readouterr().err
     run_sample(common + ["--out", str(tmp_path / "plain")])
     assert "warning" not in capsys.readouterr().out
 
@@ -331,7 +331,9 @@ def test_vae_option_replaces_an_autoencoder_that_moved(tmp_path, taef2_run):
 
 @pytest.mark.parametrize("options, message", [
     (["--kid-subset-size", "0"], "--kid-subset-size must be at least 2"),
-    (["--cfg-scale", "nan"], "--cfg-scale finite"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be finite"),
+    (["--grid", "-1"], "--grid must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
     (["--nfe", "0"], "must be positive"),
     (["--solver", "midpoint", "--nfe", "3"], "multiple of 2"),
     (["--fid-ref", "ref.npz", "--num-images", "1"], "at least 2"),

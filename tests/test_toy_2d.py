@@ -110,6 +110,7 @@ def test_sigma_sweep_writes_one_row_per_sigma(tmp_path):
     (["--prior-sigma", "-1"], "prior sigma must be positive"),
     (["--dataset", "swiss"], "invalid choice: 'swiss'"),
     (["--methods", "ddpm"], "invalid choice: 'ddpm'"),
+    (["--out", "toy_2d.py"], "--out toy_2d.py: toy_2d.py is an existing file, not a folder"),
 ])
 def test_bad_arguments_give_one_clear_line(argv, message):
     result = subprocess.run([sys.executable, "toy_2d.py", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -542,11 +542,20 @@ def test_gaussian_prior_run_and_bad_checkpoints(tmp_path, shapes_run):
     (["--prior", "gaussian", "--mapper-from", "x.pt"], "needs --prior text"),
     (["--cfg-dropout", "1"], "must lie in [0, 1)"),
     (["--global-batch", "0"], "--global-batch must be positive"),
+    (["--ema-decay", "2"], "--ema-decay must lie in [0, 1)"),
+    (["--workers", "-1"], "--workers must be >= 0"),
 ])
 def test_bad_options_stop_before_anything_is_written(tmp_path, capsys, options, message):
     with pytest.raises(SystemExit):
         run(tmp_path / "bad", *options)
     assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_data_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "file" / "run")
+    assert f"{tmp_path / 'file'} is not a writable folder" in capsys.readouterr().err
 
 
 def test_samples_and_checkpoints_on_their_own_steps_and_a_fresh_log(tmp_path):
