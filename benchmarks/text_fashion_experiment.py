@@ -5,18 +5,22 @@ N(0, I) (CondOT), each with and without minibatch OT, conditioned on a real sent
 Every run is train_text.py --data fashion-captions with one model and budget in the TAEF2 latent
 space (one latent cache for all runs, one text cache per encoder), and every image is read by the
 caption judge of benchmarks/caption_judge.py. Stages:
-    train   the caches (built once, here), then the 8 runs (--parallel at once)
-    eval    the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
-            split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
-            --images-per-prompt images per caption; the judge's per-attribute and all-correct
-            accuracy on seen captions, on each held-out kind and on all held-out ones; FD-EffNet of
-            the seen and of the held-out images (N each) against real canvases of the same splits
-            (even-numbered canvases: the reference; odd-numbered: the real and autoencoder rows);
-            the mapper's validation losses and the training transport cost from each log.jsonl
-    swap    for the held-out-word prompts: the prior's centre and the flow's condition each from the
-            caption or from its seen paraphrase (same noise), judged: which part loses the word?
-    report  markdown tables (one per encoder), all-correct accuracy against NFE (PNG) and every
-            number (JSON) into --docs, with the decoded mapper means of the text-prior runs
+    train    the caches (built once, here), then the 8 runs (--parallel at once)
+    eval     the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
+             split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
+             --images-per-prompt images per caption; the judge's per-attribute and all-correct
+             accuracy on seen captions, on each held-out kind and on all held-out ones; FD-EffNet of
+             the seen and of the held-out images (N each) against real canvases of the same splits
+             (even-numbered canvases: the reference; odd-numbered: the real and autoencoder rows);
+             the mapper's validation losses and the training transport cost from each log.jsonl
+    swap     for the held-out-word prompts: the prior's centre and the flow's condition each from the
+             caption or from its seen paraphrase (same noise), judged: which part loses the word?
+    centres  for every eval caption, where the mapper puts the prior's centre: the share nearest to
+             the mean latent of its class (and of its whole (class, size, tone)), for each trained
+             text-prior run's mapper and for mapper variants (SWEEP); per held-out word, where its
+             centres land and whether the encoder alone puts it nearest a training caption of its class
+    report   markdown tables (one per encoder), all-correct accuracy against NFE (PNG) and every
+             number (JSON) into --docs, with the decoded mapper means of the text-prior runs
 
 Run (the stages can also run one at a time; on a CPU use a small budget: --configs text --encoders
 minilm --model tiny --steps 100 --mapper-steps 100 --max-train-images 2000 --prompts 25 took 20
@@ -361,6 +365,21 @@ def swap(args):
     return []
 
 
+def centres_tables(centred, encoder):
+    """The centre scores of every mapper, and the held-out words, as two markdown tables."""
+    rows = [[name, *(f"{percent(by[split]['item'])} / {percent(by[split]['all'])}" for split in SPLITS)]
+            for name, by in centred["runs"].items()]
+    words = [[word, w["class"], str(w["pairs"]), percent(w["centre_on_class"]),
+              ", ".join(w["centre_lands_on"]), percent(w["nearest_caption_on_class"])]
+             for word, w in centred["words"].items()]
+    return (f"Encoder {encoder}: the mapper's centres, nearest (class, size, tone) mean latent on the "
+            "caption's class / whole combination, %:\n\n" + table(["mapper", *SPLITS], rows)
+            + "\n\nHeld-out words: centres on the word's class (the first text-prior run's mapper), the "
+            "classes they land on most, and nearest training caption (cosine) of the word's class, %:\n\n"
+            + table(["word", "class", "pairs", "centre on class", "lands on", "nearest caption on class"],
+                    words))
+
+
 def swap_table(swapped):
     keys = list(next(iter(swapped["runs"].values())))
     rows = [[name, *(percent(scores[key]["all"]) for key in keys)]
@@ -368,6 +387,133 @@ def swap_table(swapped):
     return (f"Held-out-word captions, all correct % at NFE {swapped['nfe']} (N = {swapped['images']}), "
             "with the prior's centre and the flow's condition from the caption or its seen paraphrase:\n\n"
             + table(["run", *keys], rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage centres: where the mapper puts the prior's centre, for each caption of the eval splits.
+
+SWEEP = {  # mapper variants: the runs' own settings, then one setting changed
+    "as the runs": {}, "width 128": {"width": 128}, "width 2048": {"width": 2048},
+    "0.3x steps": {"steps_factor": 0.3}, "3x steps": {"steps_factor": 3},
+    "weight decay 1": {"weight_decay": 1.0}, "input dropout 0.3": {"dropout": 0.3}}
+
+
+def labelled_pairs(args, encoder):
+    """({split: (latents (N, C, H, W), pooled (N, D), combination (N,))} for every pair of every
+    split, with combination = 4 * class + 2 * size + tone; the mapper options of a text-prior run."""
+    import torch
+
+    import train_text
+
+    options = train_text.parse_args(train_options(args, "text", encoder))
+    splits, _ = train_text.load_data(options, 0, 1, torch.device("cpu"))
+    truth = {c.text: c for c in train_text.fashion_captions()}
+    pairs = {}
+    for name, split in splits.items():
+        texts = split.texts(np.arange(len(split)))
+        combination = [4 * truth[t].label + 2 * list(train_text.SIZE_WORDS).index(truth[t].size)
+                       + list(train_text.TONE_WORDS).index(truth[t].tone) for t in texts]
+        pairs[name] = (torch.from_numpy(np.asarray(split.images, np.float32)[split.image_of_pair]),
+                       torch.from_numpy(np.asarray(split.pooled, np.float32)[split.caption_of_pair]),
+                       np.array(combination))
+    return pairs, options
+
+
+def centre_scores(centres, combination, means):
+    """Share of centres whose nearest (class, size, tone) mean latent has the caption's class
+    ('item') and its whole combination ('all')."""
+    import torch
+
+    nearest = torch.cdist(centres.flatten(1), means.flatten(1)).argmin(1).numpy()
+    return {"item": float(np.mean(nearest // 4 == combination // 4)),
+            "all": float(np.mean(nearest == combination)), "nearest_class": nearest // 4}
+
+
+def sweep_mapper(train, options, width=None, steps_factor=1, weight_decay=0.0, dropout=0.0):
+    """A mapper trained as train_text.py's stage 1 (AdamW, warm-up, --global-batch; batches drawn at
+    random here) on the training pairs, with one setting changed; dropout acts on the text embedding."""
+    import torch
+    import torch.nn.functional as F
+
+    import train_text
+
+    x1, pooled, _ = train
+    torch.manual_seed(0)
+    mapper = train_text.Mapper(pooled.shape[1], x1.shape[1:], width or options.mapper_width)
+    optimizer = torch.optim.AdamW(mapper.parameters(), lr=options.mapper_lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(max(1, round(steps_factor * options.mapper_steps))):
+        index = torch.randint(len(x1), (options.global_batch,), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = flow.warmup_lr(options.mapper_lr, step, options.warmup_steps)
+        loss = train_text.mapper_loss(mapper, x1[index], (F.dropout(pooled[index], dropout),), None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return mapper.eval()
+
+
+def centres(args):
+    """Per encoder: the centre scores of each trained text-prior run's mapper and of the SWEEP
+    variants on every eval split; per held-out word, where its centres land and the class of the
+    nearest training caption by cosine similarity of the embeddings alone: OUT/eval/centres.json."""
+    import torch
+
+    import train_text
+
+    results = {}
+    for encoder in args.encoders:
+        pairs, options = labelled_pairs(args, encoder)
+        eval_pairs = {name: pairs[name] for name in SPLITS}
+        means = torch.stack([torch.cat([x for x, _, c in eval_pairs.values()])[
+            torch.from_numpy(np.concatenate([c for _, _, c in eval_pairs.values()]) == k)].mean(0)
+            for k in range(40)])  # every (class, size, tone) appears in some eval split
+        mappers = {}
+        for name, run in trained_runs(args):
+            if name.endswith(f"-{encoder}") and "text" in CONFIGS[name[:-len(encoder) - 1]]:
+                checkpoint = flow.load_checkpoint(flow.resolve_checkpoint(run))
+                prior = train_text.build_prior(argparse.Namespace(**checkpoint["args"]), checkpoint["config"])
+                prior.load_state_dict(checkpoint["prior"])
+                mappers[name] = prior.mapper.eval()
+        if mappers:
+            mappers.update({f"sweep: {name}": sweep_mapper(pairs["train"], options, **change)
+                            for name, change in SWEEP.items()})
+        scores = {}
+        with torch.no_grad():
+            for name, mapper in mappers.items():
+                scores[name] = {split: centre_scores(mapper(pooled), c, means)
+                                for split, (_, pooled, c) in eval_pairs.items()}
+        results[encoder] = {"runs": {name: {split: {k: s[k] for k in ("item", "all")}
+                                            for split, s in by.items()} for name, by in scores.items()},
+                            "words": held_out_words(pairs, scores, mappers, encoder)}
+    save_json(results, os.path.join(args.out, "eval", "centres.json"))
+    return []
+
+
+def held_out_words(pairs, scores, mappers, encoder):
+    """Per held-out word: the share of its centres on its class and the two classes they land on most
+    (first text-prior run), and the share whose nearest training caption (cosine) has its class."""
+    import torch
+
+    import train_text
+
+    _, train_pooled, train_combination = pairs["train"]
+    _, pooled, combination = pairs["heldout-word"]
+    similarity = torch.nn.functional.normalize(pooled) @ torch.nn.functional.normalize(train_pooled).T
+    nearest_caption_class = train_combination[similarity.argmax(1).numpy()] // 4
+    first = next((name for name in mappers if not name.startswith("sweep")), None)
+    words = {}
+    for label, item_words in enumerate(train_text.ITEM_WORDS):
+        mine = combination // 4 == label
+        landed = scores[first]["heldout-word"]["nearest_class"][mine] if first else np.array([])
+        counts = np.bincount(landed, minlength=10)
+        top = [k for k in counts.argsort()[::-1][:2] if counts[k]]
+        words[item_words[2]] = {
+            "class": item_words[0], "pairs": int(mine.sum()),
+            "centre_on_class": float(np.mean(landed == label)) if len(landed) else None,
+            "centre_lands_on": [train_text.ITEM_WORDS[k][0] for k in top], "run": first,
+            "nearest_caption_on_class": float(np.mean(nearest_caption_class[mine] == label))}
+    return words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,7 +644,12 @@ def report(args):
         with open(swap_path) as file:
             results["swap"] = json.load(file)
         parts.append(swap_table(results["swap"]))
-        save_json(results, os.path.join(args.docs, "text_fashion_results.json"))
+    centres_path = os.path.join(args.out, "eval", "centres.json")
+    if os.path.isfile(centres_path):
+        with open(centres_path) as file:
+            results["centres"] = json.load(file)
+        parts += [centres_tables(by_encoder, encoder) for encoder, by_encoder in results["centres"].items()]
+    save_json(results, os.path.join(args.docs, "text_fashion_results.json"))
     with open(os.path.join(args.docs, "text_fashion_tables.md"), "w") as file:
         file.write("\n\n".join(parts) + "\n")
     plot(results, encoders, os.path.join(args.docs, "text_fashion_accuracy_vs_nfe.png"))
@@ -513,8 +664,11 @@ def report(args):
 # Entry point.
 
 
+STAGES = {"train": train, "eval": evaluate, "swap": swap, "centres": centres, "report": report}
+
+
 def main(args):
-    run_stages(args, {"train": train, "eval": evaluate, "swap": swap, "report": report})
+    run_stages(args, STAGES)
 
 
 def smoke(args):
@@ -539,7 +693,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("stages", nargs="*", help="what to run, in order: train, eval, swap, report (default: all)")
+    add("stages", nargs="*", help="what to run, in order: train, eval, swap, centres, report (default: all)")
     add("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     add("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"), help="TAEF2 folder")
     add("--text-encoder", default=os.path.join(ROOT, "runs", "minilm", "all-MiniLM-L6-v2"),
@@ -568,9 +722,9 @@ def parse_args(argv=None):
     add("--quiet", action="store_true", help="no progress bars in this process")
     add("--smoke", action="store_true", help="tiny budget on the CPU under a temporary folder")
     args = parser.parse_args(argv)
-    args.stages = args.stages or ["train", "eval", "swap", "report"]
-    if set(args.stages) - {"train", "eval", "swap", "report"}:
-        parser.error(f"unknown stages {args.stages}: choose from train, eval, swap, report")
+    args.stages = args.stages or list(STAGES)
+    if set(args.stages) - set(STAGES):
+        parser.error(f"unknown stages {args.stages}: choose from {', '.join(STAGES)}")
     args.judge_budget = {"progress": not args.quiet}
     if args.smoke:
         smoke(args)
