@@ -389,6 +389,7 @@ def parse_args(argv=None):
                         help="instead of comparing methods, sweep the class prior's sigma over these values")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and noise")
     parser.add_argument("--out", default="runs/toy_2d", help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -402,6 +403,11 @@ def parse_args(argv=None):
         parser.error("prior sigma must be positive")
     if flow.out_folder_problem(args.out):
         parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
+    written = ["args.json", "sigma_sweep.json"] if args.sigma_sweep else ["args.json", "results.json"]
+    existing = [name for name in written if os.path.exists(os.path.join(args.out, name))]
+    if existing and not args.overwrite:
+        parser.error(f"--out {args.out} already holds {', '.join(existing)}: "
+                     "pass --overwrite or another --out")
     return args
 
 

@@ -93,6 +93,11 @@ def test_default_style_run_writes_every_output(tmp_path):
     assert "condot/midpoint/1" not in samples  # midpoint cannot spend an odd NFE
     for name in ("args.json", "trajectories.png", "samples.png", "w2_vs_nfe.png"):
         assert (out / name).stat().st_size > 0
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(SystemExit):  # a second run into the same folder is refused, and writes nothing
+        toy_2d.parse_args(["--out", str(out)])
+    assert (out / "results.json").read_bytes() == before
+    assert toy_2d.parse_args(["--out", str(out), "--overwrite"]).overwrite
 
 
 def test_sigma_sweep_writes_one_row_per_sigma(tmp_path):
