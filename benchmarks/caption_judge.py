@@ -186,15 +186,18 @@ def predict(network, crops, batch=1000):
 
 
 def load_classifier(path):
-    """(network, info) from a cache written by CaptionJudge.load_or_train (tensors and numbers only)."""
+    """(network, info) from a cache written by CaptionJudge.load_or_train (tensors and numbers only,
+    checked against the checksum they were saved with)."""
     network = classifier()
+    saved, problem = flow.read_checkpoint(path)
+    if problem:
+        raise SystemExit(f"error: {path} {problem}: remove it to retrain")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(saved["state_dict"])
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign file raises several types
+    except Exception as error:  # noqa: BLE001 - a foreign file raises several types
         raise SystemExit(f"error: {path} is not a caption judge classifier ({type(error).__name__}): "
                          "remove it to retrain") from None
-    version = saved["info"].get("version")
+    version = saved.get("info", {}).get("version")
     if version != JUDGE_VERSION:
         raise SystemExit(f"error: {path} holds a classifier of judge version {version}, this is version "
                          f"{JUDGE_VERSION}: remove it to retrain")
@@ -219,8 +222,7 @@ class CaptionJudge:
             return cls(*load_classifier(path))
         state, info = train_classifier(data_root, train_images, epochs, test_images, progress=progress)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({"state_dict": state, "info": info}, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)  # never a half-written cache
+        flow.save_atomic({"state_dict": state, "info": info}, path)  # never a half-written cache
         network = classifier()
         network.load_state_dict(state)
         return cls(network, info)

@@ -99,10 +99,18 @@ def test_classifier_trains_caches_and_reloads(tmp_path):
     # Reloaded from the cache, not retrained: no data needed, the same readings.
     again = caption_judge.CaptionJudge.load_or_train(path, str(tmp_path / "absent"), progress=False)
     assert np.array_equal(again(images)["label"], judge(images)["label"])
+    changed = {name: value.clone() for name, value in saved["state_dict"].items()}
+    next(iter(changed.values())).view(-1)[0] += 1  # a flipped weight under the saved checksum
+    torch.save({**saved, "state_dict": changed}, path)
+    with pytest.raises(SystemExit, match="is corrupted"):
+        caption_judge.CaptionJudge.load_or_train(path, root)
     torch.save({"state_dict": saved["state_dict"], "info": {**saved["info"], "version": 0}}, path)
-    with pytest.raises(SystemExit, match="judge version 0"):
+    with pytest.raises(SystemExit, match="judge version 0"):  # no checksum (older caches): still read
+        caption_judge.CaptionJudge.load_or_train(path, root)
+    torch.save({"weights": saved["state_dict"]}, path)
+    with pytest.raises(SystemExit, match="is not a caption judge classifier"):
         caption_judge.CaptionJudge.load_or_train(path, root)
     with open(path, "w") as file:
         file.write("not a checkpoint")
-    with pytest.raises(SystemExit, match="is not a caption judge classifier"):
+    with pytest.raises(SystemExit, match="cannot be read as a checkpoint"):
         caption_judge.CaptionJudge.load_or_train(path, root)
