@@ -122,7 +122,7 @@ def test_resume_equals_uninterrupted(tmp_path, digits_run):
     options = ["--ckpt-every", 2, "--sample-every", 2, "--coupling", "ot", "--cfg-dropout", 0.3]
     train(tmp_path, "--steps", 2, *options)
     with open(tmp_path / "log.jsonl", "a") as file:  # a line the interrupted run wrote after its checkpoint
-        file.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
+        file.write(json.dumps({"step": 3, "loss": 0.0}) + "\n" + '{"step": 4, "lo')  # ... then cut mid-line
     train(tmp_path, "--steps", 4, "--resume", *options)
     resumed = load(tmp_path / "checkpoints" / "step_0000004.pt")
     straight = load(digits_run / "checkpoints" / "step_0000004.pt")

@@ -476,7 +476,10 @@ def test_resume_of_both_stages_equals_an_uninterrupted_run(shapes_run, tmp_path)
         run(out, "--mapper-steps", "4", "--steps", "2", "--resume")
     with pytest.raises(SystemExit, match="was trained with --prior-sigma 0.5, not 0.3"):
         run(out, "--mapper-steps", "4", "--steps", "4", "--resume", "--prior-sigma", "0.3")
+    with open(out / "log.jsonl", "a") as file:  # cut short mid-line (a full disk) when it stopped
+        file.write('{"stage": "flow", "step": 3, "lo')
     run(out, "--mapper-steps", "4", "--steps", "4", "--resume")  # ... and resumed again
+    assert all(json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
     a, b = load(shapes_run / "checkpoints" / "step_0000004.pt"), load(out / "checkpoints" / "step_0000004.pt")
     for key in ("model", "ema", "prior"):
         assert_same_state(a[key], b[key])
