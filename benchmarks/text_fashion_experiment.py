@@ -465,9 +465,10 @@ def centres(args):
     for encoder in args.encoders:
         pairs, options = labelled_pairs(args, encoder)
         eval_pairs = {name: pairs[name] for name in SPLITS}
-        means = torch.stack([torch.cat([x for x, _, c in eval_pairs.values()])[
-            torch.from_numpy(np.concatenate([c for _, _, c in eval_pairs.values()]) == k)].mean(0)
-            for k in range(40)])  # every (class, size, tone) appears in some eval split
+        latents = torch.cat([x for x, _, _ in eval_pairs.values()])
+        combination = np.concatenate([c for _, _, c in eval_pairs.values()])
+        # every (class, size, tone) appears in some eval split
+        means = torch.stack([latents[torch.from_numpy(combination == k)].mean(0) for k in range(40)])
         mappers = {}
         for name, run in trained_runs(args):
             if name.endswith(f"-{encoder}") and "text" in CONFIGS[name[:-len(encoder) - 1]]:
@@ -505,7 +506,7 @@ def held_out_words(pairs, scores, mappers, encoder):
     words = {}
     for label, item_words in enumerate(train_text.ITEM_WORDS):
         mine = combination // 4 == label
-        landed = scores[first]["heldout-word"]["nearest_class"][mine] if first else np.array([])
+        landed = scores[first]["heldout-word"]["nearest_class"][mine] if first else np.array([], int)
         counts = np.bincount(landed, minlength=10)
         top = [k for k in counts.argsort()[::-1][:2] if counts[k]]
         words[item_words[2]] = {
