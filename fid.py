@@ -475,11 +475,11 @@ def check_reference(reference, space):
 def compare_to_reference(features, reference, with_kid=False, kid_subset_size=KID_DEFAULTS["subset_size"]):
     """Frechet distance (and KID) of features against a reference loaded with load_reference. Fewer
     images than feature dimensions on a side is allowed (FDs of equal N still compare) with a warning."""
-    count = min(len(features), len(reference["features"]))
+    count, dim = min(len(features), len(reference["features"])), np.shape(features)[1]
     if count < 2:
         raise SystemExit(f"error: a Frechet distance needs at least 2 images on each side, got {count}")
-    if count <= np.shape(features)[1] and is_rank_zero():
-        print(f"warning: FD from {count} images of {np.shape(features)[1]}-d features: the covariance is "
+    if count <= dim and is_rank_zero():
+        print(f"warning: FD from {count} images of {dim}-d features: the covariance is "
               "singular and the value mostly estimator bias; compare only FDs of the same N", file=sys.stderr)
     result = {"feature_space": reference["feature_space"], "metric": METRICS[reference["feature_space"]],
               "fd": frechet_distance(*gaussian_statistics(features), reference["mu"], reference["sigma"]),

@@ -360,8 +360,9 @@ def parse_args(argv=None):
             parser.error(problem)
     if args.fid_ref and args.num_images < 2:  # a covariance needs two images; the floors need far more
         parser.error("--fid-ref needs --num-images of at least 2 (thousands for a meaningful FD)")
-    if args.out and flow.out_folder_problem(args.out):
-        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
+    problem = args.out and flow.out_folder_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     args.prompt_lines = read_prompts(args.prompts) if args.prompts else None
     return args
 

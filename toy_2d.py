@@ -401,8 +401,9 @@ def parse_args(argv=None):
         parser.error(f"--nfe values must be positive, got {args.nfe}")
     if args.prior_sigma <= 0 or (args.sigma_sweep and min(args.sigma_sweep) <= 0):
         parser.error("prior sigma must be positive")
-    if flow.out_folder_problem(args.out):
-        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
+    problem = flow.out_folder_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     written = ["args.json", "sigma_sweep.json"] if args.sigma_sweep else ["args.json", "results.json"]
     existing = [name for name in written if os.path.exists(os.path.join(args.out, name))]
     if existing and not args.overwrite:

@@ -852,8 +852,9 @@ def check_args(parser, args):
         parser.error("--workers must be >= 0")
     if min(args.sample_nfe) < 1:
         parser.error("--sample-nfe must be positive")
-    if flow.out_folder_problem(args.out):
-        parser.error(f"--out {args.out}: {flow.out_folder_problem(args.out)}")
+    problem = flow.out_folder_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
 
 if __name__ == "__main__":
     main(parse_args())
