@@ -391,7 +391,7 @@ def test_ref_under_torchrun_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(root, "fid.py"), "ref", "--images", "builtin-digits", "--out",
-                    str(tmp_path / "two.npz")], check=True, env=env, cwd=root, capture_output=True)
+                    str(tmp_path / "two.npz")], check=True, env=env, cwd=tmp_path, capture_output=True)
     two = fid.load_reference(str(tmp_path / "two.npz"))
     expected = fid.digits_features(fid.load_digits_split(test=True)[0])
     np.testing.assert_allclose(two["features"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

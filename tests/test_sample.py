@@ -125,7 +125,7 @@ def test_images_do_not_depend_on_batch_size_or_processes(tmp_path, checkpoint):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(ROOT, "sample.py"), *common, "--batch-size", "4",
                     "--out", str(tmp_path / "two")],
-                   check=True, env=env, cwd=ROOT, capture_output=True)
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
     load = lambda run: np.load(tmp_path / run / "euler_nfe002.npz")["arr_0"].astype(int)
     reference = load("one")
     for run in ("small", "two"):

@@ -58,8 +58,8 @@ def test_class_conditional_w2_matches_brute_force_and_known_shifts():
     assert toy_2d.class_conditional_w2(a[within_class_shuffle], a, labels) == pytest.approx(0, abs=1e-12)
 
 
-def test_class_prior_shortens_pairs_and_with_ot_samples_well_in_one_step():
-    args = toy_2d.parse_args(["--steps", "300", "--quiet", "--device", "cpu"])
+def test_class_prior_shortens_pairs_and_with_ot_samples_well_in_one_step(tmp_path):
+    args = toy_2d.parse_args(["--steps", "300", "--quiet", "--device", "cpu", "--out", str(tmp_path)])
     x, y = toy_2d.make_data("blobs", 4000, 0)
     x_test, y_test = toy_2d.make_data("blobs", 400, 1)
     noise = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
@@ -115,9 +115,10 @@ def test_sigma_sweep_writes_one_row_per_sigma(tmp_path):
     (["--prior-sigma", "-1"], "prior sigma must be positive"),
     (["--dataset", "swiss"], "invalid choice: 'swiss'"),
     (["--methods", "ddpm"], "invalid choice: 'ddpm'"),
-    (["--out", "toy_2d.py"], "--out toy_2d.py: toy_2d.py is an existing file, not a folder"),
+    (["--out", "a_file"], "--out a_file: a_file is an existing file, not a folder"),
 ])
-def test_bad_arguments_give_one_clear_line(argv, message):
-    result = subprocess.run([sys.executable, "toy_2d.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                            check=False)
+def test_bad_arguments_give_one_clear_line(argv, message, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "toy_2d.py"), *argv], cwd=tmp_path,
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -605,8 +605,9 @@ def one_process_run(tmp_path_factory):
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes") / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "train_text.py", "--out", str(out), *TINY, *PURE, "--workers", "1"]  # 4 per process
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+               os.path.join(ROOT, "train_text.py"), "--out", str(out), *TINY, *PURE,
+               "--workers", "1"]  # 4 per process
+    result = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
