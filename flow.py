@@ -345,11 +345,14 @@ def out_folder_problem(out):
 
 @contextlib.contextmanager
 def write_errors(path):
-    """An OSError while writing `path` (disk full, no permission, a parent that is a file) -> one line."""
+    """A failure to write `path` -> one line: an OSError (disk full, no permission, a parent that is a file)
+    or torch.save's RuntimeError on a full disk ("PytorchStreamWriter failed writing file ...")."""
     try:
         yield
-    except OSError as error:
-        raise SystemExit(f"error: cannot write {path}: {error.strerror or error}") from None
+    except (OSError, RuntimeError) as error:
+        message = str(error).strip().splitlines()
+        reason = getattr(error, "strerror", None) or (message[0] if message else type(error).__name__)
+        raise SystemExit(f"error: cannot write {path}: {reason}") from None
 
 
 @contextlib.contextmanager
@@ -642,13 +645,15 @@ class Autoencoder(nn.Module):
     def encode(self, images):
         if self.vae is not None:
             return self.vae.encode(images).latent_dist.sample() * VAE_SCALE
-        return self.encoder((images + 1) / 2)  # TAEF2 reads images in [0, 1]
+        # TAEF2 reads images in [0, 1]; channels-last convolutions are 1.5x faster on a CPU
+        return self.encoder(((images + 1) / 2).contiguous(memory_format=torch.channels_last)).contiguous()
 
     @torch.no_grad()
     def decode(self, latents):
         if self.vae is not None:
             return self.vae.decode(latents / VAE_SCALE).sample.clamp(-1, 1)
-        return (self.decoder(latents) * 2 - 1).clamp(-1, 1)
+        images = self.decoder(latents.contiguous(memory_format=torch.channels_last)).contiguous()
+        return (images * 2 - 1).clamp(-1, 1)
 
 
 def is_taef2_folder(name):
@@ -667,6 +672,7 @@ def load_taef2(folder):
             raise SystemExit(f"error: {path} is not a TAEF2 state dict ({type(error).__name__}: "
                              f"{str(error).splitlines()[0][:120]})") from None
         parts.append(module)
+    parts = [part.to(memory_format=torch.channels_last) for part in parts]
     return Autoencoder("taef2", encoder=parts[0], decoder=parts[1])
 
 
@@ -682,3 +688,66 @@ def load_autoencoder(name, device="cpu"):
         raise SystemExit(f"error: cannot load the VAE {source!r} ({type(error).__name__}); download it "
                          "once with network access, or pass a local diffusers or TAEF2 folder") from None
     return Autoencoder(name, vae=vae).to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent cache: encoded images in shards of SHARD_IMAGES images (shard k holds images k * SHARD_IMAGES
+# onwards), each written atomically, so that an interrupted encode resumes from its last complete
+# shard; the cache's index, written last, records every shard's sha256, verified when it is read.
+
+SHARD_IMAGES = 2048
+
+
+def shard_path(cache, shard):
+    return os.path.join(cache, f"shard_{shard:05d}.npz")
+
+
+def missing_shards(cache, count, rank=0, world_size=1):
+    """(shard, first image, end) of the shards of `count` images that this rank makes (shard % world_size
+    == rank) and that are not written yet."""
+    return [(shard, start, min(count, start + SHARD_IMAGES))
+            for shard, start in enumerate(range(0, count, SHARD_IMAGES))
+            if shard % world_size == rank and not os.path.isfile(shard_path(cache, shard))]
+
+
+def write_shard(cache, shard, arrays):
+    with atomic_file(shard_path(cache, shard)) as file:
+        np.savez(file, **arrays)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_checksums(cache, count):
+    """The sha256 of every shard of a cache of `count` images, for its index."""
+    return [file_sha256(shard_path(cache, shard)) for shard in range(-(-count // SHARD_IMAGES))]
+
+
+def read_shards(cache, checksums):
+    """Every array of the shards, concatenated in shard order; a shard that is missing, cut short or
+    changed since the index was written is one line naming it (never trained on)."""
+    parts = {}
+    for shard, expected in enumerate(checksums):
+        path = shard_path(cache, shard)
+        if not os.path.isfile(path) or file_sha256(path) != expected:
+            raise SystemExit(f"error: latent cache shard {path} is missing or damaged (its sha256 is not the "
+                             f"one in {cache}/info.json): delete the cache to encode again")
+        with np.load(path) as arrays:
+            for name in arrays.files:
+                parts.setdefault(name, []).append(arrays[name])
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def read_json(path, what):
+    """A JSON file, or one line naming it if it is cut short or not JSON."""
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {what} {path} cannot be read ({type(error).__name__}): "
+                         "delete it to make it again") from None

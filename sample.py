@@ -166,7 +166,9 @@ def save_grid(images, path):
         grid[2 + row * (height + 2):2 + row * (height + 2) + height,
              2 + column * (width + 2):2 + column * (width + 2) + width] = image
     scale = max(1, 32 // min(height, width))
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    grid = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    with flow.atomic_file(path) as file:  # a full disk leaves no cut-off PNG
+        grid.save(file, format="PNG")
 
 
 def class_accuracy(fid, images, features, labels, reference, options):
@@ -198,7 +200,7 @@ def vae_floor(fid, sampler, space, reference, args, device, rank, world):
 
 
 def write_json(data, path):
-    with open(path, "w") as file:
+    with flow.atomic_file(path, "w") as file:
         json.dump(data, file, indent=2)
 
 
@@ -262,7 +264,8 @@ def main(args):
         raise SystemExit("error: --vae-floor and --kid need --fid-ref REF.npz")
     fid, reference, space = load_metrics(args, sampler, device) if args.fid_ref else (None, None, None)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+        with flow.write_errors(args.out):
+            os.makedirs(args.out, exist_ok=True)
         write_json({**vars(args), "checkpoint": checkpoint, "kind": kind, "world_size": world},
                    os.path.join(args.out, "args.json"))
 
@@ -289,9 +292,10 @@ def main(args):
             images = gather(local, indices, args.num_images)
             if rank == 0:
                 save_grid(images[:args.grid], name + ".png")
-                np.savez(name + ".npz", images, labels)
+                with flow.atomic_file(name + ".npz") as file:
+                    np.savez(file, images, labels)
                 if kind == "text":
-                    with open(name + "_captions.txt", "w") as file:
+                    with flow.atomic_file(name + "_captions.txt", "w") as file:
                         file.write("".join(caption + "\n" for caption in conditions))
         if rank == 0:
             write_json(result, name + ".json")

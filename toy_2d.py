@@ -203,6 +203,21 @@ def evaluate(model, prior, x_test, y_test, noise, args):
 # Plots.
 
 
+def save_figure(figure, path, dpi=110):
+    """Through flow.atomic_file: a full disk leaves no cut-off PNG, only one line naming it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with flow.atomic_file(path) as file:
+        figure.savefig(file, format="png", dpi=dpi)
+    plt.close(figure)
+
+
+def write_json(data, path):
+    with flow.atomic_file(path, "w") as file:
+        json.dump(data, file, indent=2)
+
+
 def plot_trajectories(models, x_test, y_test, args, path):
     """Each method's paths from the same prior noise and labels, over the held-out data."""
     import matplotlib.pyplot as plt
@@ -224,9 +239,7 @@ def plot_trajectories(models, x_test, y_test, args, path):
         ax.set_title(method)
         ax.set_aspect("equal")
     axes[0][0].legend(loc="lower left", fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_samples(samples, y_test, methods, path, nfes=(1, 2, 8)):
@@ -242,9 +255,7 @@ def plot_samples(samples, y_test, methods, path, nfes=(1, 2, 8)):
                 ax.scatter(*x.T, s=1, c=colours)
             ax.set_title(f"{method}, Euler NFE {nfe}", fontsize=9)
             ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_aspect("equal")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 def plot_w2(results, path):
@@ -261,9 +272,7 @@ def plot_w2(results, path):
     ax.set_xlabel("NFE"), ax.set_ylabel("class-conditional W2 (lower is better)")
     ax.set_title(results["dataset"])
     ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_sigma_sweep(sweep, path):
@@ -277,9 +286,7 @@ def plot_sigma_sweep(sweep, path):
     ax.set_xscale("log"), ax.set_xlabel("prior sigma"), ax.set_ylabel("class-conditional W2")
     ax.set_title(f"{sweep['dataset']}: dotted = condot at the same NFE")
     ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,22 +351,21 @@ def sigma_sweep(args, x_train, y_train, x_test, y_test):
 def main(args):
     # A 256-wide MLP is too small for intra-op parallelism: extra threads only spin and contend.
     torch.set_num_threads(1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    with flow.write_errors(args.out):
+        os.makedirs(args.out, exist_ok=True)
+    write_json(vars(args), os.path.join(args.out, "args.json"))  # before training: a full disk stops here
     x_train, y_train = make_data(args.dataset, args.train_size, args.seed)
     x_test, y_test = make_data(args.dataset, args.test_size, args.seed + 10_000)  # held out: another seed
     if args.sigma_sweep:
         sweep = sigma_sweep(args, x_train, y_train, x_test, y_test)
-        with open(os.path.join(args.out, "sigma_sweep.json"), "w") as f:
-            json.dump(sweep, f, indent=2)
+        write_json(sweep, os.path.join(args.out, "sigma_sweep.json"))
         plot_sigma_sweep(sweep, os.path.join(args.out, "sigma_sweep.png"))
         print(f"wrote {args.out}/sigma_sweep.json and sigma_sweep.png")
         return
     results, samples, models = compare_methods(args, x_train, y_train, x_test, y_test)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    np.savez(os.path.join(args.out, "samples.npz"), **samples)
+    write_json(results, os.path.join(args.out, "results.json"))
+    with flow.atomic_file(os.path.join(args.out, "samples.npz")) as file:
+        np.savez(file, **samples)
     plot_trajectories(models, x_test, y_test, args, os.path.join(args.out, "trajectories.png"))
     plot_samples(samples, y_test.numpy(), args.methods, os.path.join(args.out, "samples.png"))
     plot_w2(results, os.path.join(args.out, "w2_vs_nfe.png"))
