@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -441,9 +442,14 @@ def read_checkpoint(path):
     saved = checkpoint.pop("checksum", None) if isinstance(checkpoint, dict) else None
     if saved is not None and saved != checksum(checkpoint):
         return None, "is corrupted (its contents do not match their checksum): refused"
-    bad = next((name for name, leaf in leaves(checkpoint) if isinstance(leaf, torch.Tensor)
-                and leaf.is_floating_point() and not torch.isfinite(leaf).all()), None)
+    bad = non_finite(checkpoint)
     return (None, f"holds NaN or inf values in {bad}: refused") if bad else (checkpoint, None)
+
+
+def non_finite(value, name="checkpoint"):
+    """The name of the first floating-point tensor in `value` (nested dicts...) with a NaN or inf, or None."""
+    return next((name for name, leaf in leaves(value, name) if isinstance(leaf, torch.Tensor)
+                 and leaf.is_floating_point() and not torch.isfinite(leaf).all()), None)
 
 
 def latest_valid_checkpoint(folder):
@@ -594,6 +600,10 @@ def fashion_to_rgb(images, size=64):
 VAE_SCALE = 0.18215  # SD's latent scale factor
 VAE_NAMES = {"sd-ema": "stabilityai/sd-vae-ft-ema", "sd-mse": "stabilityai/sd-vae-ft-mse"}
 TAEF2_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
+# sha256 of the published files (madebyollin/taesd, commit 5cccb12). Another file (converted, retrained or
+# damaged: flipped bytes load without complaint) gets a warning, and load_taef2 checks it further.
+TAEF2_SHA256 = {"taef2_encoder.pth": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+                "taef2_decoder.pth": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"}
 
 
 class TinyBlock(nn.Module):
@@ -661,6 +671,9 @@ def is_taef2_folder(name):
 
 
 def load_taef2(folder):
+    """The two TAEF2 files, checked: the published sha256 (else a warning), finite weights, and a fixed test
+    batch that encodes and decodes to finite values (else one line naming the file): damaged weights would
+    otherwise write NaN latents or black images without a word."""
     parts = []
     for build, file in zip((taef2_encoder, taef2_decoder), TAEF2_FILES):
         path = os.path.join(folder, file)
@@ -671,13 +684,28 @@ def load_taef2(folder):
         except Exception as error:  # noqa: BLE001 - a foreign or truncated file raises several types
             raise SystemExit(f"error: {path} is not a TAEF2 state dict ({type(error).__name__}: "
                              f"{str(error).splitlines()[0][:120]})") from None
-        parts.append(module)
-    parts = [part.to(memory_format=torch.channels_last) for part in parts]
-    return Autoencoder("taef2", encoder=parts[0], decoder=parts[1])
+        if file_sha256(path) != TAEF2_SHA256[file] and not (dist.is_initialized() and dist.get_rank()):
+            print(f"warning: {path} is not the published {file} (another sha256)", file=sys.stderr)
+        bad = non_finite(state, "state_dict")
+        if bad:
+            raise SystemExit(f"error: {path} holds NaN or inf values in {bad}: refused")
+        parts.append(module.to(memory_format=torch.channels_last))
+    autoencoder = Autoencoder("taef2", encoder=parts[0], decoder=parts[1]).eval()
+    test_batch = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    latents = autoencoder.encode(test_batch)
+    for output, file in ((latents, TAEF2_FILES[0]), (autoencoder.decode(latents), TAEF2_FILES[1])):
+        if not torch.isfinite(output).all():
+            raise SystemExit(f"error: {os.path.join(folder, file)} turns a test batch into NaN or inf values "
+                             "(damaged weights): refused")
+    return autoencoder
 
 
 def load_autoencoder(name, device="cpu"):
     """A TAEF2 folder, or diffusers' AutoencoderKL: 'sd-ema', 'sd-mse' or a local diffusers folder."""
+    present = [file for file in TAEF2_FILES if os.path.isfile(os.path.join(name, file))]
+    if len(present) == 1:  # not a diffusers folder either: name the file that is missing
+        missing = os.path.join(name, next(file for file in TAEF2_FILES if file not in present))
+        raise SystemExit(f"error: {name} holds {present[0]} but not {missing}: a TAEF2 folder needs both")
     if is_taef2_folder(name):
         return load_taef2(name).to(device).eval().requires_grad_(False)
     diffusers = require("diffusers")

@@ -109,9 +109,10 @@ def test_is_taef2_folder(tmp_path):
     os.makedirs(tmp_path / "named_as_files" / "taef2_decoder.pth")
     for path in ("encoder_only", "named_as_files", "absent", "both/taef2_encoder.pth"):
         assert not flow.is_taef2_folder(str(tmp_path / path)), path
-    # Not TAEF2, so load_autoencoder reads it as a diffusers name and fails in one line.
+    # Not TAEF2, so load_autoencoder reads it as a diffusers name and fails in one line (a folder with one of
+    # the two files is an error naming the other: tests/test_bad_inputs.py).
     with pytest.raises(SystemExit, match="^error: ") as error:
-        flow.load_autoencoder(str(tmp_path / "encoder_only"))
+        flow.load_autoencoder(str(tmp_path / "named_as_files"))
     assert "\n" not in str(error.value)
 
 

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from fakes import write_taef2
 
 import flow
 import sample
@@ -110,3 +111,57 @@ def test_sample_full_disk_leaves_no_cut_off_png_or_npz(tmp_path, monkeypatch, fa
         sample.main(sample.parse_args(["--ckpt", fake_checkpoint, "--out", str(out), "--nfe", "1",
                                        "--num-images", "4", "--quiet"]))
     assert name not in os.listdir(out) and not any(f.endswith(".tmp") for f in os.listdir(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights are checked on load: the published sha256, finite tensors, a finite test batch, and a
+# --vae folder is recognised by what it holds.
+
+
+def test_taef2_files_other_than_the_published_ones_load_with_a_one_line_warning_each(tmp_path, capsys,
+                                                                                       monkeypatch):
+    write_taef2(tmp_path)  # random weights: not the published files
+    flow.load_autoencoder(str(tmp_path))
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"warning: {tmp_path / name} is not the published {name} (another sha256)"
+                        for name in flow.TAEF2_FILES]
+    monkeypatch.setattr(flow, "TAEF2_SHA256", {name: flow.file_sha256(tmp_path / name)
+                                               for name in flow.TAEF2_FILES})
+    flow.load_autoencoder(str(tmp_path))  # the expected files: no warning
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", flow.TAEF2_FILES)
+def test_taef2_file_with_a_nan_weight_is_refused_in_one_line(tmp_path, name):
+    write_taef2(tmp_path)
+    state = torch.load(tmp_path / name, weights_only=True)
+    key = sorted(state)[3]
+    state[key].view(-1)[5] = float("nan")
+    torch.save(state, tmp_path / name)
+    with pytest.raises(SystemExit) as stop:
+        flow.load_autoencoder(str(tmp_path))
+    assert str(stop.value) == f"error: {tmp_path / name} holds NaN or inf values in state_dict[{key!r}]: " \
+                              "refused"
+
+
+@pytest.mark.parametrize("name", flow.TAEF2_FILES)
+def test_taef2_weights_that_turn_a_test_batch_into_inf_are_refused(tmp_path, name):
+    """Finite but absurd weights (as flipped bytes give: float16 values near its maximum) pass every
+    per-tensor check; the test batch through encoder and decoder shows it."""
+    write_taef2(tmp_path)
+    state = torch.load(tmp_path / name, weights_only=True)
+    torch.save({key: torch.full_like(value, 6e4) for key, value in state.items()}, tmp_path / name)
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path / name} turns a test batch into NaN or inf"):
+        flow.load_autoencoder(str(tmp_path))
+
+
+@pytest.mark.parametrize("present", flow.TAEF2_FILES)
+def test_vae_folder_with_one_taef2_file_names_the_missing_one(tmp_path, present):
+    write_taef2(tmp_path / "both")
+    os.makedirs(tmp_path / "one")
+    os.link(tmp_path / "both" / present, tmp_path / "one" / present)
+    missing = tmp_path / "one" / next(name for name in flow.TAEF2_FILES if name != present)
+    with pytest.raises(SystemExit) as stop:
+        flow.load_autoencoder(str(tmp_path / "one"))
+    folder = tmp_path / "one"
+    assert str(stop.value) == f"error: {folder} holds {present} but not {missing}: a TAEF2 folder needs both"
