@@ -351,10 +351,14 @@ def sigma_sweep(args, x_train, y_train, x_test, y_test):
 def main(args):
     # A 256-wide MLP is too small for intra-op parallelism: extra threads only spin and contend.
     torch.set_num_threads(1)
+    x_train, y_train = make_data(args.dataset, args.train_size, args.seed)
+    empty = sorted(set(range(NUM_CLASSES[args.dataset])) - set(y_train.tolist()))
+    if empty:  # the class prior needs every class's mean
+        raise SystemExit(f"error: --train-size {args.train_size} leaves classes {empty} of {args.dataset} "
+                         "without training points: use more")
     with flow.write_errors(args.out):
         os.makedirs(args.out, exist_ok=True)
     write_json(vars(args), os.path.join(args.out, "args.json"))  # before training: a full disk stops here
-    x_train, y_train = make_data(args.dataset, args.train_size, args.seed)
     x_test, y_test = make_data(args.dataset, args.test_size, args.seed + 10_000)  # held out: another seed
     if args.sigma_sweep:
         sweep = sigma_sweep(args, x_train, y_train, x_test, y_test)
@@ -373,6 +377,19 @@ def main(args):
     print(f"\nwrote results.json, samples.npz and plots to {args.out}")
 
 
+def device_problem(name):
+    """Why `name` is not a torch device on this machine (misspelt, or no such hardware here), or None."""
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return "not a torch device name (cpu, cuda, cuda:1, mps...)"
+    try:
+        torch.empty(0, device=name)
+    except Exception as error:  # noqa: BLE001 - RuntimeError, AssertionError, NotImplementedError by backend
+        return f"not available on this machine ({type(error).__name__}: {str(error).split('. ')[0]})"
+    return None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -385,7 +402,7 @@ def parse_args(argv=None):
     parser.add_argument("--prior-sigma", type=float, default=0.5,
                         help="std of the class prior N(m(c), sigma^2 I)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
-                        help="NFE budgets to evaluate")
+                        help="NFE budgets to evaluate (midpoint, 2 per step, evaluates the even ones)")
     parser.add_argument("--solvers", nargs="+", default=["euler", "midpoint"], choices=list(flow.SOLVERS),
                         help="ODE solvers to evaluate")
     parser.add_argument("--train-size", type=int, default=20_000, help="training points")
@@ -405,8 +422,17 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if min(args.nfe) < 1:
         parser.error(f"--nfe values must be positive, got {args.nfe}")
+    for solver in args.solvers:  # it would leave an empty result
+        if not nfe_budgets(solver, args.nfe):
+            parser.error(f"--solvers {solver} takes {flow.NFE_PER_STEP[solver]} evaluations per step: "
+                         f"no --nfe in {args.nfe} is a multiple of {flow.NFE_PER_STEP[solver]}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr must be positive, got {args.lr}")
     if args.prior_sigma <= 0 or (args.sigma_sweep and min(args.sigma_sweep) <= 0):
         parser.error("prior sigma must be positive")
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(f"--device {args.device}: {problem}")
     problem = flow.out_folder_problem(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")

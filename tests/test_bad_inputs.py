@@ -165,3 +165,34 @@ def test_vae_folder_with_one_taef2_file_names_the_missing_one(tmp_path, present)
         flow.load_autoencoder(str(tmp_path / "one"))
     folder = tmp_path / "one"
     assert str(stop.value) == f"error: {folder} holds {present} but not {missing}: a TAEF2 folder needs both"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before the long work.
+
+
+def parse_error(parse_args, argv, capsys):
+    """The one line argparse prints for a bad option (after its usage line)."""
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cpuu"], "--device cpuu: not a torch device name (cpu, cuda, cuda:1, mps...)"),
+    (["--device", "cuda:99"], "--device cuda:99: not available on this machine"),
+    (["--lr", "-0.001"], "--lr must be positive, got -0.001"),
+    (["--lr", "nan"], "--lr must be positive, got nan"),
+    (["--solvers", "euler", "midpoint", "--nfe", "1", "3"],
+     "--solvers midpoint takes 2 evaluations per step: no --nfe in [1, 3] is a multiple of 2"),
+])
+def test_toy_2d_bad_options_are_one_line_before_training(argv, message, capsys, tmp_path):
+    error = parse_error(toy_2d.parse_args, [*argv, "--out", str(tmp_path)], capsys)
+    assert ": error: " in error and message in error
+
+
+def test_toy_2d_train_size_that_leaves_a_class_empty_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --train-size 3 leaves classes \[.*\] of blobs without"):
+        toy_2d.main(toy_2d.parse_args([*TOY, "--train-size", "3", "--out", str(tmp_path / "run")]))
+    assert not (tmp_path / "run").exists()  # so the next run needs no --overwrite
