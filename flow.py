@@ -334,6 +334,8 @@ def update_ema(ema, model, decay):
 def out_folder_problem(out):
     """Why `out` cannot become an output folder (an existing file, or not in a writable folder), or None:
     checked before any work starts, so that nothing is computed that cannot be saved."""
+    if not out:
+        return "an empty path is no folder"
     if os.path.isfile(out):
         return f"{out} is an existing file, not a folder"
     existing = os.path.abspath(out)
@@ -450,6 +452,18 @@ def non_finite(value, name="checkpoint"):
     """The name of the first floating-point tensor in `value` (nested dicts...) with a NaN or inf, or None."""
     return next((name for name, leaf in leaves(value, name) if isinstance(leaf, torch.Tensor)
                  and leaf.is_floating_point() and not torch.isfinite(leaf).all()), None)
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), or one line naming checkpoint `path` when its recorded options build
+    a network of other shapes than its weights (an edited or mixed-up checkpoint)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:  # "Error(s) in loading state_dict for X:\n\tsize mismatch for ..."
+        details = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise SystemExit(f"error: {path}: its recorded options do not fit its weights "
+                         f"({details[min(1, len(details) - 1)][:160]})") from None
+    return module
 
 
 def latest_valid_checkpoint(folder):

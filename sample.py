@@ -66,6 +66,26 @@ def load_sampler(path, device, use_ema, vae=None, text_encoder=None):
     return kind, trainer.load_for_sampling(path, device, use_ema=use_ema, vae=vae, **extra)
 
 
+def refuse_too_many_images(sampler, args, device):
+    """One line, before any image is made, if the images cannot fit in memory: they are held as uint8 until
+    written, twice over while they are gathered and concatenated."""
+    height, width = sampler.decode(torch.zeros(1, *sampler.latent_shape, device=device)).shape[2:]
+    need, available = 2 * args.num_images * 3 * height * width, available_memory()
+    if available is not None and need > available:
+        raise SystemExit(f"error: --num-images {args.num_images} needs about {need / 2**30:.1f} GiB for its "
+                         f"{height}x{width} images, more than the {available / 2**30:.1f} GiB of memory "
+                         "available: sample fewer per run")
+
+
+def available_memory():
+    """Bytes of memory available for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as file:
+            return next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def image_conditions(kind, sampler, args):
     """(what image i is conditioned on, its arr_1 entry) for every i: (a label, the label), or (a
     caption, its line in --prompts). Depends on i only."""
@@ -92,10 +112,15 @@ def read_prompts(path):
     """The lines of a prompts file; one line for a missing or unreadable file, no prompts, or an
     empty line (a blank caption would silently sample the unconditional model)."""
     try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().splitlines()
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a byte-order mark is not part of a caption
+            text = file.read()
     except (OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"error: cannot read --prompts {path} ({type(error).__name__}: {error})") from None
+    control = next((k for k, char in enumerate(text) if not (char.isprintable() or char in "\t\r\n")), None)
+    if control is not None:  # a caption of control bytes would sample a near-unconditional model
+        raise SystemExit(f"error: --prompts {path} line {text.count(chr(10), 0, control) + 1} holds the "
+                         f"non-printable character {text[control]!r}: one plain-text caption per line")
+    lines = text.splitlines()
     blank = [k + 1 for k, line in enumerate(lines) if not line.strip()]
     if not lines or blank:
         raise SystemExit(f"error: --prompts {path} " + (f"line {blank[0]} is an empty caption: one caption "
@@ -253,6 +278,7 @@ def main(args):
         raise SystemExit(f"error: --num-images {args.num_images} is smaller than the {world} processes")
     checkpoint = flow.resolve_checkpoint(args.ckpt)
     kind, sampler = load_sampler(checkpoint, device, not args.no_ema, args.vae, args.text_encoder)
+    refuse_too_many_images(sampler, args, device)
     conditions, labels = image_conditions(kind, sampler, args)
     args.out = args.out or default_out(checkpoint)
     refuse_existing(args)
@@ -350,7 +376,7 @@ def parse_args(argv=None):
                         help="real images (folder, npz): "
                              "also report the FID of their VAE reconstructions")
     args = parser.parse_args(argv)
-    for name in ("nfe", "num_images", "batch_size"):
+    for name in ("nfe", "num_images", "batch_size", "grid"):  # --grid 0 would divide by zero
         if min(np.atleast_1d(getattr(args, name))) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     per_step = flow.NFE_PER_STEP[args.solver]
@@ -358,13 +384,12 @@ def parse_args(argv=None):
         parser.error(f"{args.solver} takes {per_step} evaluations per step: "
                      f"every --nfe must be a multiple of {per_step}")
     for wrong, problem in ((args.kid_subset_size < 2, "--kid-subset-size must be at least 2"),
-                           (not math.isfinite(args.cfg_scale), "--cfg-scale must be finite"),
-                           (args.grid < 0, "--grid must be >= 0")):
+                           (not math.isfinite(args.cfg_scale), "--cfg-scale must be finite")):
         if wrong:
             parser.error(problem)
     if args.fid_ref and args.num_images < 2:  # a covariance needs two images; the floors need far more
         parser.error("--fid-ref needs --num-images of at least 2 (thousands for a meaningful FD)")
-    problem = args.out and flow.out_folder_problem(args.out)
+    problem = args.out is not None and flow.out_folder_problem(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
     args.prompt_lines = read_prompts(args.prompts) if args.prompts else None

@@ -736,10 +736,8 @@ def load_for_sampling(path, device, use_ema=True, vae=None):
         raise SystemExit(f"error: {path} was trained on pixels (--vae none): --vae {vae} has no latents "
                          "to decode")
     device = torch.device(device)
-    model = build_model(args, config)
-    model.load_state_dict(checkpoint["ema" if use_ema else "model"])
-    prior = build_prior(args, config)
-    prior.load_state_dict(checkpoint["prior"])
+    model = flow.load_weights(build_model(args, config), checkpoint["ema" if use_ema else "model"], path)
+    prior = flow.load_weights(build_prior(args, config), checkpoint["prior"], path)
     num_classes = config["num_classes"]
 
     def make_condition(labels):

@@ -1173,10 +1173,8 @@ def load_for_sampling(path, device, use_ema=True, vae=None, text_encoder=None):
     if args.prior == "text":
         mapper_state(checkpoint, path)  # stops with one line if the mapper is missing
     device = torch.device(device)
-    model = build_model(args, config)
-    model.load_state_dict(checkpoint["ema" if use_ema else "model"])
-    prior = build_prior(args, config)
-    prior.load_state_dict(checkpoint["prior"])
+    model = flow.load_weights(build_model(args, config), checkpoint["ema" if use_ema else "model"], path)
+    prior = flow.load_weights(build_prior(args, config), checkpoint["prior"], path)
     text_encoder = text_encoder or args.text_encoder
     encoder = load_text_encoder(text_encoder, args.text_length, device)
     null = encoder([""])

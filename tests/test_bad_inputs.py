@@ -2,6 +2,7 @@
 a bad one gives one line "error: ..." that names the option or file, never a traceback; a failed write leaves
 no partial file. (Older checks of the same kind stay beside the tests of each script.)"""
 import errno
+import importlib
 import json
 import os
 
@@ -196,3 +197,63 @@ def test_toy_2d_train_size_that_leaves_a_class_empty_is_refused_before_anything_
     with pytest.raises(SystemExit, match=r"^error: --train-size 3 leaves classes \[.*\] of blobs without"):
         toy_2d.main(toy_2d.parse_args([*TOY, "--train-size", "3", "--out", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()  # so the next run needs no --overwrite
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--grid", "0"], "--grid must be positive"),  # it divided by zero
+    (["--out", ""], "--out : an empty path is no folder"),  # it fell back to the default folder
+])
+def test_sample_bad_options_are_one_line(options, message, capsys):
+    error = parse_error(sample.parse_args, ["--ckpt", "run", *options], capsys)
+    assert ": error: " in error and message in error
+
+
+def test_sample_refuses_more_images_than_memory_holds_before_making_any(tmp_path, fake_checkpoint):
+    with pytest.raises(SystemExit, match=r"^error: --num-images 1000000000000 needs about 357627.9 GiB for "
+                                         r"its 8x8 images, more than the .* GiB of memory available"):
+        sample.main(sample.parse_args(["--ckpt", fake_checkpoint, "--num-images", str(10**12),
+                                       "--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, line, char", [("a red circle\n\x01\x02\x03\n", 2, "\\x01"),
+                                              ("\x00", 1, "\\x00"), ("a blue\x1csquare\n", 1, "\\x1c")])
+def test_sample_prompts_with_control_bytes_are_refused(tmp_path, text, line, char):
+    (tmp_path / "prompts.txt").write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        sample.parse_args(["--ckpt", "run", "--prompts", str(tmp_path / "prompts.txt")])
+    assert str(stop.value) == (f"error: --prompts {tmp_path / 'prompts.txt'} line {line} holds the "
+                               f"non-printable character '{char}': one plain-text caption per line")
+
+
+def test_sample_prompts_keep_unicode_tabs_and_windows_line_ends(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes("\ufeffune robe \u00e9t\u00e9\r\na\tshirt\r\n".encode())
+    args = sample.parse_args(["--ckpt", "run", "--prompts", str(tmp_path / "prompts.txt")])
+    assert args.prompt_lines == ["une robe \u00e9t\u00e9", "a\tshirt"]
+
+
+TRAIN_CLASS = ["--steps", "1", "--global-batch", "16", "--warmup-steps", "1", "--sample-every", "1000",
+               "--sample-nfe", "1", "--ckpt-every", "1", "--log-every", "1", "--workers", "0", "--quiet"]
+TRAIN_TEXT = ["--model", "tiny", "--steps", "1", "--mapper-steps", "1", "--global-batch", "8", "--sample-nfe",
+              "1", "--ckpt-every", "1", "--sample-every", "1000", "--mapper-width", "32", "--workers", "0",
+              "--quiet"]
+
+
+@pytest.mark.parametrize("trainer, options, option, value", [
+    ("train_class", TRAIN_CLASS, "model", "mini"), ("train_class", TRAIN_CLASS, "prior", "gaussian"),
+    ("train_text", TRAIN_TEXT, "model", "small"), ("train_text", TRAIN_TEXT, "mapper_width", 64)])
+def test_checkpoint_whose_options_do_not_fit_its_weights_is_one_line(tmp_path, trainer, options, option,
+                                                                     value):
+    """An edited or mixed-up checkpoint: its recorded options build another network than its weights."""
+    module = importlib.import_module(trainer)
+    module.main(module.parse_args([*options, "--out", str(tmp_path / "run")]))
+    path = str(tmp_path / "run" / "checkpoints" / "step_0000001.pt")
+    checkpoint = flow.load_checkpoint(path)
+    checkpoint["args"][option] = value
+    flow.save_atomic(checkpoint, path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit, match=f"^error: {path}: its recorded options do not fit its weights "
+                                         r"\((size mismatch|Missing key|Unexpected key)"):
+        sample.main(sample.parse_args(["--ckpt", path, "--out", str(tmp_path / "samples")]
+                                      + ["--prompts", str(prompts)] * (trainer == "train_text")))

@@ -332,7 +332,7 @@ def test_vae_option_replaces_an_autoencoder_that_moved(tmp_path, taef2_run):
 @pytest.mark.parametrize("options, message", [
     (["--kid-subset-size", "0"], "--kid-subset-size must be at least 2"),
     (["--cfg-scale", "nan"], "--cfg-scale must be finite"),
-    (["--grid", "-1"], "--grid must be >= 0"),
+    (["--grid", "-1"], "--grid must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--nfe", "0"], "must be positive"),
     (["--solver", "midpoint", "--nfe", "3"], "multiple of 2"),
