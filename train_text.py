@@ -447,26 +447,45 @@ def lazy_text_encoder(args, device):
     return functools.cache(lambda: load_text_encoder(args.text_encoder, args.text_length, device))
 
 
-def cached_text(args, folder, captions, rank, text_encoder):
-    """(pooled, tokens) of `captions`, memory-mapped from FOLDER/text-{encoder}, made once by rank 0
-    with text_encoder() (see lazy_text_encoder): one cache per encoder, beside the latents they share."""
+def text_cache_folder(args, cache):
     slug = re.sub(r"\W+", "-", os.path.basename(args.text_encoder.rstrip("/")))
-    folder = os.path.join(folder, f"text-{slug}-{args.text_length}")
+    return os.path.join(cache, f"text-{slug}-{args.text_length}")
+
+
+def cached_text(args, cache, captions, rank, text_encoder):
+    """(pooled, tokens) of `captions`, memory-mapped from CACHE/text-{encoder}, made once by rank 0
+    with text_encoder() (see lazy_text_encoder): one cache per encoder, beside the latents they share.
+    Its info.json, written last, holds the sha256 of both files, verified when they are read: a file cut
+    short or damaged is one line naming it, never trained on."""
+    folder = text_cache_folder(args, cache)
     info_path = os.path.join(folder, "info.json")
+    files = {name: os.path.join(folder, f"{name}.npy") for name in ("pooled", "tokens")}
     wanted = {"text_encoder": args.text_encoder, "text_length": args.text_length, "captions": len(captions),
               "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest()}
-    if rank == 0 and not os.path.isfile(info_path):
-        os.makedirs(folder, exist_ok=True)
-        pooled, tokens = encode_captions(text_encoder(), captions, progress=not args.quiet)
-        np.save(os.path.join(folder, "pooled.npy"), pooled)
-        np.save(os.path.join(folder, "tokens.npy"), tokens)
-        save_json(wanted, info_path)  # written last: marks a complete cache
+    # Made once; again if it was made before caches had checksums.
+    if rank == 0 and "sha256" not in (flow.read_json(info_path, "text cache index")
+                                      if os.path.isfile(info_path) else {}):
+        with flow.write_errors(folder):
+            os.makedirs(folder, exist_ok=True)
+        for name, array in zip(files, encode_captions(text_encoder(), captions, progress=not args.quiet)):
+            with flow.atomic_file(files[name]) as file:
+                np.save(file, array)
+        checksums = {name: flow.file_sha256(path) for name, path in files.items()}
+        save_json(dict(wanted, sha256=checksums), info_path)  # written last: marks a complete cache
     barrier()
-    with open(info_path) as file:
-        if json.load(file) != wanted:
-            raise SystemExit(f"error: text cache {folder} holds other captions or another encoder: "
-                             "remove it or pass another --latent-cache")
-    return tuple(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r") for name in ("pooled", "tokens"))
+    info = flow.read_json(info_path, "text cache index")
+    if {key: info.get(key) for key in wanted} != wanted:
+        raise SystemExit(f"error: text cache {folder} holds other captions or another encoder: "
+                         "remove it or pass another --latent-cache")
+    for name, path in files.items():
+        if not os.path.isfile(path) or flow.file_sha256(path) != info["sha256"][name]:
+            raise SystemExit(f"error: text cache file {path} is missing or damaged (its sha256 is not the "
+                             f"one in {info_path}): delete {folder} to encode the captions again")
+    return tuple(np.load(path, mmap_mode="r") for path in files.values())
+
+
+def latent_cache(args, name):
+    return os.path.join(args.latent_cache or os.path.join(args.out, "latents"), name)
 
 
 def cached_split(args, name, rank, world_size, device, normalisation=None, text_encoder=None):
@@ -478,7 +497,7 @@ def cached_split(args, name, rank, world_size, device, normalisation=None, text_
     per-channel statistics of the training cache (normalisation=None: this split's own), kept with
     the cache and in every checkpoint; decoding undoes it (make_decoder)."""
     images, texts, image_of_pair = read_split(args, name)
-    cache = os.path.join(args.latent_cache or os.path.join(args.out, "latents"), name)
+    cache = latent_cache(args, name)
     info_path = os.path.join(cache, "info.json")
     wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "images": len(images),
               "image_size": args.image_size, "vae": args.vae}
@@ -511,12 +530,25 @@ def cached_split(args, name, rank, world_size, device, normalisation=None, text_
     return split, normalisation
 
 
+def data_fingerprint(split):
+    """sha256 of the training pairs (images or latents, the caption texts, which caption goes with which
+    image): --resume and --mapper-from compare it, so another data set, under any path, is refused."""
+    digest = hashlib.sha256()
+    for array in (split.images, split.image_of_pair, split.caption_of_pair):
+        digest.update(np.ascontiguousarray(array).data)
+    digest.update("\n".join(split.captions).encode())
+    return digest.hexdigest()
+
+
 def load_data(args, rank, world_size, device):
     """({split name: Split}, normalisation): the latent statistics, empty for the shapes' pixels."""
     if args.data == "shapes":
         return shape_splits(args, load_text_encoder(args.text_encoder, args.text_length, device)), {}
     names = FASHION_SPLITS if args.data == "fashion-captions" else [args.coco_split, args.coco_val_split]
     text_encoder = lazy_text_encoder(args, device)  # loaded once, if a text cache must be built
+    if rank == 0 and not all(os.path.isfile(os.path.join(text_cache_folder(args, latent_cache(args, name)),
+                                                         "info.json")) for name in names):
+        text_encoder()  # it will be needed: a missing encoder is found now, not after the images are encoded
     train, normalisation = cached_split(args, names[0], rank, world_size, device, text_encoder=text_encoder)
     splits = {"train": train}
     for name in names[1:]:
@@ -956,9 +988,9 @@ def resume(latest, checkpoint, args, config, prior, mapper_optimizer, model, ema
             raise SystemExit(f"error: {latest} was trained with --{key.replace('_', '-')} "
                              f"{saved.get(key)!r}, not {getattr(args, key)!r}: "
                              "use another --out or the same options")
-    if checkpoint.get("config") != config:
-        raise SystemExit(f"error: {latest} was trained on other data ({checkpoint.get('config')}): "
-                         "use another --out")
+    problem = other_data(checkpoint, config)
+    if problem:
+        raise SystemExit(f"error: {latest} was trained on {problem}: use another --out or the same data")
     if checkpoint["kind"] == "text-mapper":
         prior.mapper.load_state_dict(checkpoint["mapper"])
         mapper_optimizer.load_state_dict(checkpoint["opt"])
@@ -970,13 +1002,22 @@ def resume(latest, checkpoint, args, config, prior, mapper_optimizer, model, ema
     return args.mapper_steps, checkpoint["step"]
 
 
+def other_data(checkpoint, config):
+    """How the data a checkpoint was trained on differs from this run's, or None. Checkpoints older than
+    the data fingerprint are compared on shapes and latent statistics only."""
+    saved = {"data_sha256": config["data_sha256"], **checkpoint.get("config", {})}
+    if saved["data_sha256"] != config["data_sha256"]:
+        return "another data set (other images or captions: its data fingerprint differs)"
+    return None if saved == config else f"other data ({checkpoint.get('config')})"
+
+
 def load_mapper(prior, path, config):
     """--mapper-from: the trained mapper of another run on the same data."""
     checkpoint = flow.load_checkpoint(path)
     state = mapper_state(checkpoint, path)
-    if checkpoint.get("config") != config:
-        raise SystemExit(f"error: the mapper in {path} was trained on other data "
-                         f"({checkpoint.get('config')})")
+    problem = other_data(checkpoint, config)
+    if problem:
+        raise SystemExit(f"error: the mapper in {path} was trained on {problem}")
     try:
         prior.mapper.load_state_dict(state)
     except RuntimeError:
@@ -1097,7 +1138,7 @@ def main(args):
     train = splits["train"]
     null = train.null(device)  # the empty caption: the null condition of classifier-free guidance
     config = {"latent_shape": list(train.images.shape[1:]), "pooled_dim": null[0].shape[1],
-              "token_dim": null[1].shape[2], **normalisation}
+              "token_dim": null[1].shape[2], **normalisation, "data_sha256": data_fingerprint(train)}
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     prior = build_prior(args, config).to(device)
@@ -1286,7 +1327,7 @@ def check_args(parser, args):
     args.image_size = args.image_size or (32 if shapes else 64)
     default_encoder = {"shapes": "builtin", "fashion-captions": SENTENCE_DEFAULT, "coco": CLIP_DEFAULT}
     args.text_encoder = args.text_encoder or default_encoder[args.data]
-    args.patch_size = args.patch_size or (8 if shapes else 2)
+    args.patch_size = (8 if shapes else 2) if args.patch_size is None else args.patch_size
     for name in ("vae", "text_encoder"):  # recorded in the checkpoint: absolute, so sample.py finds it
         if os.path.isdir(getattr(args, name)):
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -1310,6 +1351,12 @@ def check_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if min(args.sample_nfe) < 1:
         parser.error("--sample-nfe must be positive")
+    # The latents' side, where it is known before encoding: pixels, or the SD VAE and TAEF2 (8x smaller).
+    eightfold = args.vae in flow.VAE_NAMES or flow.is_taef2_folder(args.vae)
+    side = args.image_size if args.vae == "none" else -(-args.image_size // 8) if eightfold else None
+    if side and side % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} does not divide the {side}x{side} latents of "
+                     f"--image-size {args.image_size}")
     problem = flow.out_folder_problem(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")

@@ -1,7 +1,8 @@
-"""Small fake inputs the tests write themselves: Fashion-MNIST idx files and random TAEF2 weights
+"""Small fake inputs the tests write themselves: Fashion-MNIST idx files, MS-COCO, random TAEF2 weights
 (the tests never read ../shared or the Debian data set, which users and CI may not have); a damaged
 checkpoint; and the check both trainers' TrainingBatches must pass."""
 import gzip
+import json
 import os
 
 import numpy as np
@@ -26,6 +27,27 @@ def write_fashion(root, train=30, test=10, seed=0):
         image_file, label_file = flow.FASHION_FILES[split]
         write_idx(os.path.join(root, image_file), rng.integers(0, 256, (count, 28, 28)))
         write_idx(os.path.join(root, label_file), np.arange(count) % 10)
+
+
+def write_coco(root, split="train2017", images=3, captions_per_image=2, size=(40, 24), words="a  red circle"):
+    """A COCO split: random images (the same for every call) and their captions; returns the annotations."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    listed, annotations = [], []
+    rng = np.random.RandomState(0)
+    for k in range(images):
+        name = f"{k:012d}.png"
+        pixels = rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, split, name))
+        listed.append({"id": 100 + k, "file_name": name, "width": size[0], "height": size[1]})
+        for j in range(captions_per_image):
+            annotations.append({"id": 1000 + 10 * k + j, "image_id": 100 + k,
+                                "caption": f" {words} {'a' * (k + 1)} {j}\n"})
+    with open(os.path.join(root, "annotations", f"captions_{split}.json"), "w") as f:
+        json.dump({"images": listed, "annotations": annotations}, f)
+    return annotations
 
 
 def write_taef2(folder, seed=0):

@@ -1,6 +1,7 @@
 """The bad-input contract in one place: every input that can be checked is checked before the long work, and
 a bad one gives one line "error: ..." that names the option or file, never a traceback; a failed write leaves
 no partial file. (Older checks of the same kind stay beside the tests of each script.)"""
+import argparse
 import errno
 import importlib
 import json
@@ -9,11 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from fakes import write_taef2
+from fakes import write_coco, write_fashion, write_taef2
 
 import flow
 import sample
 import toy_2d
+import train_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -257,3 +259,82 @@ def test_checkpoint_whose_options_do_not_fit_its_weights_is_one_line(tmp_path, t
                                          r"\((size mismatch|Missing key|Unexpected key)"):
         sample.main(sample.parse_args(["--ckpt", path, "--out", str(tmp_path / "samples")]
                                       + ["--prompts", str(prompts)] * (trainer == "train_text")))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--patch-size", "0"], "--patch-size must be positive"),  # it silently became 8
+    (["--patch-size", "3"], "--patch-size 3 does not divide the 32x32 latents of --image-size 32"),
+    (["--out", ""], "--out : an empty path is no folder"),  # it failed after the data were loaded
+])
+def test_train_text_bad_options_are_one_line_before_the_data(options, message, capsys):
+    error = parse_error(train_text.parse_args, options, capsys)
+    assert ": error: " in error and message in error
+
+
+def test_train_text_missing_text_encoder_is_found_before_the_images_are_encoded(tmp_path, monkeypatch):
+    write_fashion(tmp_path / "fashion")
+    write_taef2(tmp_path / "taef2")
+    monkeypatch.setattr(train_text, "encode_images", lambda *args: pytest.fail("images encoded first"))
+    missing = str(tmp_path / "minilm")
+    args = train_text.parse_args(["--data", "fashion-captions", "--data-root", str(tmp_path / "fashion"),
+                                  "--vae", str(tmp_path / "taef2"), "--text-encoder", missing,
+                                  "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=f"^error: cannot load the text encoder '{missing}'"):
+        train_text.main(args)
+
+
+TEXT_CACHE = argparse.Namespace(text_encoder="builtin", text_length=12, quiet=True)
+
+
+@pytest.mark.parametrize("damage", ["pooled cut short", "tokens flipped", "tokens missing",
+                                    "index cut short"])
+def test_damaged_text_cache_is_refused_in_one_line_naming_the_file(tmp_path, damage):
+    captions = ["", "a red circle", "a blue square"]
+    made = train_text.cached_text(TEXT_CACHE, str(tmp_path), captions, 0, train_text.WordEncoder)
+    folder = tmp_path / "text-builtin-12"
+    again = train_text.cached_text(TEXT_CACHE, str(tmp_path), captions, 0, lambda: pytest.fail("encoded"))
+    assert all(np.array_equal(a, b) for a, b in zip(made, again))  # read back, verified
+    name = {"pooled": "pooled.npy", "tokens": "tokens.npy", "index": "info.json"}[damage.split()[0]]
+    data = (folder / name).read_bytes()
+    if damage.endswith("cut short"):
+        (folder / name).write_bytes(data[:len(data) // 2])
+    elif damage.endswith("flipped"):  # the values stay finite: only the checksum tells
+        (folder / name).write_bytes(data[:-64] + bytes(b ^ 1 for b in data[-64:]))
+    else:
+        os.remove(folder / name)
+    expected = (f"text cache index {folder / name} cannot be read" if name == "info.json" else
+                f"text cache file {folder / name} is missing or damaged")
+    with pytest.raises(SystemExit, match=f"^error: {expected}"):
+        train_text.cached_text(TEXT_CACHE, str(tmp_path), captions, 0, lambda: pytest.fail("encoded"))
+
+
+def test_text_cache_made_before_checksums_is_made_again(tmp_path):
+    captions = ["", "a red circle"]
+    train_text.cached_text(TEXT_CACHE, str(tmp_path), captions, 0, train_text.WordEncoder)
+    index = tmp_path / "text-builtin-12" / "info.json"
+    old = {key: value for key, value in json.loads(index.read_text()).items() if key != "sha256"}
+    index.write_text(json.dumps(old))
+    train_text.cached_text(TEXT_CACHE, str(tmp_path), captions, 0, train_text.WordEncoder)
+    assert "sha256" in json.loads(index.read_text())
+
+
+def test_train_text_resume_on_another_data_set_is_refused_whatever_its_path(tmp_path):
+    """The same images with other captions, in another folder with its own latent cache: the latents, their
+    statistics and every option match, so only the data fingerprint tells (it resumed on the new captions)."""
+    write_taef2(tmp_path / "taef2")
+    for root, words in (("coco", "a red circle"), ("copy", "a red circle"), ("other", "a blue square")):
+        for split in ("train2017", "val2017"):
+            write_coco(tmp_path / root, split, images=4, words=words)
+
+    def run(root, *extra):
+        options = ["--data", "coco", "--data-root", str(tmp_path / root), "--vae", str(tmp_path / "taef2"),
+                   "--text-encoder", "builtin", "--image-size", "16", *TRAIN_TEXT,
+                   "--out", str(tmp_path / "run"), "--latent-cache", str(tmp_path / root / "cache"), *extra]
+        train_text.main(train_text.parse_args(options))
+
+    run("coco")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000001.pt"
+    with pytest.raises(SystemExit, match=f"^error: {checkpoint} was trained on another data set"):
+        run("other", "--steps", "2", "--resume")
+    run("copy", "--steps", "2", "--resume")  # the same data in another folder: resumed
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_0000002.pt")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import flip_weight_bytes, whole_batch, write_fashion, write_taef2
+from fakes import flip_weight_bytes, whole_batch, write_coco, write_fashion, write_taef2
 
 import flow
 import train_text
@@ -109,26 +109,6 @@ def test_word_encoder_gives_each_word_one_vector_and_pools_their_mean():
 
 # ---------------------------------------------------------------------------------------------
 # MS-COCO reader, the SD-VAE and CLIP paths (tiny random configurations written by the test).
-
-
-def write_coco(root, split="train2017", images=3, captions_per_image=2, size=(40, 24)):
-    from PIL import Image
-
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    os.makedirs(os.path.join(root, split), exist_ok=True)
-    listed, annotations = [], []
-    rng = np.random.RandomState(0)
-    for k in range(images):
-        name = f"{k:012d}.png"
-        pixels = rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(os.path.join(root, split, name))
-        listed.append({"id": 100 + k, "file_name": name, "width": size[0], "height": size[1]})
-        for j in range(captions_per_image):
-            annotations.append({"id": 1000 + 10 * k + j, "image_id": 100 + k,
-                                "caption": f" a  red circle {'a' * (k + 1)} {j}\n"})
-    with open(os.path.join(root, "annotations", f"captions_{split}.json"), "w") as f:
-        json.dump({"images": listed, "annotations": annotations}, f)
-    return annotations
 
 
 def test_coco_reader_pairs_captions_with_their_images(tmp_path):
