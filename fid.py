@@ -627,7 +627,16 @@ def parse_args(argv=None):
                          help="images per forward pass per process; None: 50, digits 5000")
         sub.add_argument("--inception-weights", default=None,
                          help="FID Inception state dict; None: pytorch-fid's, via the torch hub cache")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option in ("out", "json"):  # checked now: they are written only after the long feature pass
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        problem = ("an empty path is no file" if not path else "a folder, not a file" if os.path.isdir(path)
+                   else flow.out_folder_problem(os.path.dirname(os.path.abspath(path))))
+        if problem:
+            parser.error(f"--{option} {path}: {problem}")
+    return args
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 from fakes import write_coco, write_fashion, write_taef2
 
+import fid
 import flow
 import sample
 import toy_2d
@@ -338,3 +339,21 @@ def test_train_text_resume_on_another_data_set_is_refused_whatever_its_path(tmp_
         run("other", "--steps", "2", "--resume")
     run("copy", "--steps", "2", "--resume")  # the same data in another folder: resumed
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_0000002.pt")
+
+
+REF = ["ref", "--images", "builtin-digits"]
+CALC = ["calc", "--images", "x.npz", "--ref", "r.npz"]
+
+
+@pytest.mark.parametrize("command, option, path, message", [
+    (REF, "--out", "", "an empty path is no file"),
+    (REF, "--out", "{tmp}", "a folder, not a file"),  # written only after the features were computed
+    (REF, "--out", "{tmp}/file/ref.npz", "is an existing file, not a folder"),
+    (CALC, "--json", "", "an empty path is no file"),  # silently not written
+    (CALC, "--json", "{tmp}/file/out.json", "is an existing file, not a folder"),
+])
+def test_fid_output_files_are_checked_before_the_features(command, option, path, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    path = path.format(tmp=tmp_path)
+    error = parse_error(fid.parse_args, [*command, option, path], capsys)
+    assert f": error: {option} {path}: " in error and message in error
