@@ -146,76 +146,114 @@ def stop_on_unreadable_images(batches):
         raise SystemExit(last[last.find("error: "):]) from None
 
 
-def image_batches(args, rank, world_size, batch_size=256):
-    """Yield (uint8 images (B, 3, S, S), labels) of this rank's share, in data order, and return
-    num_classes. Shares are contiguous, so the ranks' shares concatenated keep the data order."""
-    limit = args.max_train_images
+def image_source(args):
+    """(number of training images, num_classes, batches) in data order, the first --max-train-images.
+    batches(ranges, batch_size) yields (uint8 images (B, 3, S, S), labels) for each (start, stop) in
+    `ranges` in turn, no batch crossing a range's end: the latent cache encodes one range per shard."""
     if args.data == "fashion-mnist":  # 28x28 grey -> 64x64 RGB, bilinear (flow.fashion_to_rgb)
         images, labels = flow.load_fashion_mnist(args.data_root, "train")
-        images, labels = images[:limit], torch.from_numpy(labels[:limit])
-        share = np.array_split(np.arange(len(images)), world_size)[rank]
-        chunks = np.array_split(share, max(1, math.ceil(len(share) / batch_size)))
-        return ((flow.fashion_to_rgb(images[c], args.image_size), labels[c]) for c in chunks), 10
+        images, labels = images[:args.max_train_images], torch.from_numpy(labels[:args.max_train_images])
+
+        def batches(ranges, batch_size):
+            for start, stop in ranges:
+                for first in range(start, stop, batch_size):
+                    last = min(stop, first + batch_size)
+                    yield flow.fashion_to_rgb(images[first:last], args.image_size), labels[first:last]
+        return len(images), 10, batches
     if args.data == "imagenet64":
         files = imagenet_npz_files(args.data_root)
         if not files:
             raise SystemExit(f"error: no train_data_batch_* files in {args.data_root}")
-
-        def batches():  # --max-train-images counts images over all files, in data order
-            remaining = limit
-            for index, path in enumerate(files):
-                if remaining is not None and remaining <= 0:
-                    return
-                if remaining is None and index % world_size != rank:
-                    continue  # without a limit a rank reads only its own files
-                images, labels = read_imagenet_npz(path)
-                if remaining is not None:
-                    images, labels = images[:remaining], labels[:remaining]
-                    remaining -= len(labels)
-                if index % world_size == rank:
-                    yield from zip(images.split(batch_size), labels.split(batch_size))
-        return batches(), 1000
+        release = NpzRelease(files)
+        return min(len(release), args.max_train_images or len(release)), 1000, release.batches
     dataset = image_folder(args.data_root, args.image_size)
-    dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), limit or len(dataset))))
-    share = np.array_split(np.arange(len(dataset)), world_size)[rank].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, share), batch_size=batch_size,
-                                         num_workers=args.workers)
-    return stop_on_unreadable_images(loader), len(dataset.dataset.classes)
+    count = min(len(dataset), args.max_train_images or len(dataset))
+
+    def batches(ranges, batch_size):
+        for start, stop in ranges:
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
+                                                 batch_size=batch_size, num_workers=args.workers)
+            yield from stop_on_unreadable_images(loader)
+    return count, len(dataset.classes), batches
+
+
+class NpzRelease:
+    """The Downsampled ImageNet npz files as one data set in file order, one file in memory at a time."""
+
+    def __init__(self, files):
+        self.files, self.loaded = files, (None, None)
+        counts = []
+        for path in files:  # the labels alone give each file's size, without reading its images
+            try:
+                with np.load(path) as batch:
+                    counts.append(len(batch["labels"]))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                counts.append(len(read_imagenet_npz(path)[1]))  # the reader's one-line error
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def file(self, index):
+        if self.loaded[0] != index:
+            self.loaded = index, read_imagenet_npz(self.files[index])
+        return self.loaded[1]
+
+    def batches(self, ranges, batch_size):
+        for start, stop in ranges:
+            for first in range(start, stop, batch_size):
+                last = min(stop, first + batch_size)
+                parts = []
+                for index in range(np.searchsorted(self.starts, first, "right") - 1, len(self.files)):
+                    if self.starts[index] >= last:
+                        break
+                    images, labels = self.file(index)
+                    begin, end = max(first, self.starts[index]), min(last, self.starts[index + 1])
+                    begin, end = begin - self.starts[index], end - self.starts[index]
+                    parts.append((images[begin:end], labels[begin:end]))
+                yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def mirrored(x, y, args):
+    """With --mirror, every example and then its mirror image (left-right flip) as an extra example."""
+    return (torch.cat([x, x.flip(-1)]), torch.cat([y, y])) if args.mirror else (x, y)
 
 
 def load_pixels(args):
-    """All images in memory as uint8 (for --vae none); every rank reads the whole set."""
-    batches, num_classes = image_batches(args, rank=0, world_size=1)
-    images, labels = zip(*batches)
-    return torch.cat(images), torch.cat(labels), num_classes
+    """All images in memory as uint8 (for --vae none), with their mirror images if --mirror."""
+    count, num_classes, batches = image_source(args)
+    images, labels = zip(*batches([(0, count)], 256))
+    return *mirrored(torch.cat(images), torch.cat(labels), args), num_classes
+
+
+ENCODE_BATCH = 16  # TAEF2 on 2 CPU cores: 73 images/s at 16 per batch, 48 at 256 (docs/fashion_mnist.md)
 
 
 def encode_to_cache(args, cache, rank, world_size, device):
-    """Encode every image and its mirror image once; each rank writes its share of raw latents."""
+    """Encode every image (and its mirror image with --mirror) into the cache's shards; each rank makes
+    shards rank, rank + world_size, ... Shards already written (by an interrupted run) are kept."""
+    count, num_classes, batches = image_source(args)
+    todo = flow.missing_shards(cache, count, rank, world_size)
+    if not todo:
+        return count, num_classes
     autoencoder = flow.load_autoencoder(args.vae, device)
-    torch.manual_seed(args.seed + rank)  # an SD VAE latent is a posterior sample: make it reproducible
-    batches, num_classes = image_batches(args, rank, world_size)
-    latents, flipped, labels = [], [], []
-    progress = tqdm(batches, desc="encode", unit="batch", disable=rank != 0 or args.quiet)
-    start, done = time.perf_counter(), 0
-    for images, y in progress:
+    total = sum(stop - start for _, start, stop in todo)
+    progress = tqdm(total=total * (1 + args.mirror), desc="encode", unit="img",
+                    disable=rank != 0 or args.quiet)
+    parts = {}
+    for images, labels in batches([(start, stop) for _, start, stop in todo], ENCODE_BATCH):
         images = images.to(device).float() / 127.5 - 1
-        latents.append(autoencoder.encode(images).float().cpu())
-        flipped.append(autoencoder.encode(images.flip(-1)).float().cpu())  # flips: extra examples
-        labels.append(y)
-        done += 2 * len(y)
-        progress.set_postfix(images_per_s=f"{done * world_size / (time.perf_counter() - start):.0f}")
-    if latents:  # a rank may get no share (more processes than npz files)
-        for name, parts in (("latents", latents), ("flipped", flipped), ("labels", labels)):
-            path = os.path.join(cache, f"{name}_rank{rank}.npy")
-            with flow.write_errors(path):
-                np.save(path, torch.cat(parts).numpy())
-    return num_classes
-
-
-def read_cache(cache, name, world_size):
-    parts = [os.path.join(cache, f"{name}_rank{r}.npy") for r in range(world_size)]
-    return np.concatenate([np.load(path) for path in parts if os.path.isfile(path)])
+        parts.setdefault("latents", []).append(autoencoder.encode(images).float().cpu())
+        if args.mirror:
+            parts.setdefault("flipped", []).append(autoencoder.encode(images.flip(-1)).float().cpu())
+        parts.setdefault("labels", []).append(labels)
+        progress.update(len(labels) * (1 + args.mirror))
+        shard, start, stop = todo[0]
+        if sum(map(len, parts["labels"])) == stop - start:  # a shard is complete: write it, atomically
+            flow.write_shard(cache, shard, {name: torch.cat(p).numpy() for name, p in parts.items()})
+            todo, parts = todo[1:], {}
+    progress.close()
+    return count, num_classes
 
 
 def channel_statistics(latents):
@@ -224,35 +262,38 @@ def channel_statistics(latents):
     return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
+def read_cache(cache, info):
+    """(raw latents with the mirror images after the originals, labels) from a complete cache."""
+    shards = flow.read_shards(cache, info["shards"])
+    latents = np.concatenate([shards["latents"], *([shards["flipped"]] if info["mirror"] else [])])
+    return latents, np.concatenate([shards["labels"]] * (1 + info["mirror"]))
+
+
 def load_latents(args, rank, world_size, device):
     """Normalised latents from the cache, encoding them first if the cache is not complete.
 
     The raw latents of an autoencoder are far from unit variance per channel (TAEF2 on
     Fashion-MNIST: channel means -0.76..0.60, stds 0.30..1.42), which would make N(0, I) and
     sigma mean different things in every channel. So x = (z - mean_c) / std_c, with the
-    per-channel statistics of the whole cache (flips included), kept with the cache and in every
-    checkpoint; decoding undoes it (make_decoder)."""
+    per-channel statistics of the whole cache (mirror images included), kept with the cache and in
+    every checkpoint; decoding undoes it (make_decoder)."""
     cache = args.latent_cache or os.path.join(args.out, "latents")
     info_path = os.path.join(cache, "info.json")
     wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "vae": args.vae,
-              "image_size": args.image_size}
+              "image_size": args.image_size, "mirror": args.mirror}
     if not os.path.isfile(info_path):
         with flow.write_errors(cache):
             os.makedirs(cache, exist_ok=True)
-        num_classes = encode_to_cache(args, cache, rank, world_size, device)
+        count, num_classes = encode_to_cache(args, cache, rank, world_size, device)
         barrier()
         if rank == 0:
-            raw = np.concatenate([read_cache(cache, "latents", world_size),
-                                  read_cache(cache, "flipped", world_size)])
-            mean, std = channel_statistics(raw)
-            limited = args.max_train_images is not None and len(raw) // 2 >= args.max_train_images
-            info = dict(wanted, num_images=len(raw) // 2, num_classes=num_classes, world_size=world_size,
-                        max_train_images=args.max_train_images if limited else None,
-                        latent_mean=mean, latent_std=std)
+            info = dict(wanted, num_images=count, num_classes=num_classes,
+                        shards=flow.shard_checksums(cache, count),
+                        max_train_images=args.max_train_images if args.max_train_images == count else None)
+            info["latent_mean"], info["latent_std"] = channel_statistics(read_cache(cache, info)[0])
             save_json(info, info_path)  # written last: its presence marks a complete cache
         barrier()
-    with open(info_path) as file:
-        info = json.load(file)
+    info = flow.read_json(info_path, "latent cache index")
     if any(info.get(key) != value for key, value in wanted.items()):
         made = {key: info.get(key) for key in wanted}
         raise SystemExit(f"error: latent cache {cache} was made from {made}, not {wanted}: "
@@ -263,15 +304,14 @@ def load_latents(args, rank, world_size, device):
     if args.max_train_images is None and info.get("max_train_images"):
         raise SystemExit(f"error: latent cache {cache} holds only the first {info['num_images']} training "
                          f"images: pass --max-train-images {info['num_images']} or another --latent-cache")
+    raw, labels = read_cache(cache, info)
     count = args.max_train_images or info["num_images"]
-    latents, flipped = (read_cache(cache, name, info["world_size"])[:count]
-                        for name in ("latents", "flipped"))
-    labels = torch.from_numpy(read_cache(cache, "labels", info["world_size"])[:count])
+    keep = np.concatenate([np.arange(count) + copy * info["num_images"] for copy in range(1 + args.mirror)])
     mean, std = (torch.tensor(info[key]).reshape(-1, 1, 1) for key in ("latent_mean", "latent_std"))
-    x = (torch.from_numpy(np.concatenate([latents, flipped])) - mean) / std
-    if not torch.isfinite(x).all():  # an autoencoder that diverged, or a damaged cache
+    x = (torch.from_numpy(raw[keep]) - mean) / std
+    if not torch.isfinite(x).all():  # an autoencoder that diverged
         raise SystemExit(f"error: latent cache {cache} holds NaN or inf values: delete it to encode again")
-    return x, torch.cat([labels, labels]), info["num_classes"], {"latent_mean": info["latent_mean"],
+    return x, torch.from_numpy(labels[keep]), info["num_classes"], {"latent_mean": info["latent_mean"],
                                                                     "latent_std": info["latent_std"]}
 
 
@@ -280,7 +320,8 @@ def load_data(args, rank, world_size, device):
     section; normalisation holds the latent statistics (empty for pixels)."""
     if args.data == "builtin-digits":
         x, y, num_classes = load_digits_train()
-        return x[:args.max_train_images], y[:args.max_train_images], num_classes, {}
+        x, y = x[:args.max_train_images], y[:args.max_train_images]
+        return *mirrored(x, y, args), num_classes, {}
     if args.vae == "none":
         return (*load_pixels(args), {})
     return load_latents(args, rank, world_size, device)
@@ -342,14 +383,18 @@ class TrainingBatches(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
 
-MODELS = {  # name: width, depth, heads (with --patch-size 2: DiT-S/2, B/2, L/2)
-    "tiny": {"width": 64, "depth": 4, "heads": 4},  # built-in 8x8 digits on a CPU
-    "mini": {"width": 128, "depth": 4, "heads": 4},  # Fashion-MNIST latents on a CPU
-    "small": {"width": 256, "depth": 6, "heads": 4},  # Fashion-MNIST latents, minutes on one GPU
-    "S": {"width": 384, "depth": 12, "heads": 6},
-    "B": {"width": 768, "depth": 12, "heads": 12},
-    "L": {"width": 1024, "depth": 24, "heads": 16},
+MODELS = {  # name: width, depth, heads, patch (S, B, L: DiT-S/2, B/2, L/2)
+    "tiny": {"width": 64, "depth": 4, "heads": 4, "patch": 2},  # built-in 8x8 digits on a CPU
+    "mini": {"width": 128, "depth": 4, "heads": 4, "patch": 2},
+    "small": {"width": 256, "depth": 6, "heads": 4, "patch": 2},
+    # Fashion-MNIST's 32x8x8 TAEF2 latents on a CPU: one 2048-value token, the best FD-EffNet per CPU-minute
+    # of a measured sweep of patch, width and depth (docs/fashion_mnist.md, "The CPU recipe")
+    "small-p8": {"width": 256, "depth": 6, "heads": 4, "patch": 8},
+    "S": {"width": 384, "depth": 12, "heads": 6, "patch": 2},
+    "B": {"width": 768, "depth": 12, "heads": 12, "patch": 2},
+    "L": {"width": 1024, "depth": 24, "heads": 16, "patch": 2},
 }
+DEFAULT_MODEL = {"fashion-mnist": "small-p8"}  # the others: tiny
 
 
 def modulate(x, shift, scale):
@@ -440,8 +485,8 @@ class DiT(nn.Module):
 
 
 def build_model(args, config):
-    return DiT(tuple(config["latent_shape"]), config["num_classes"], patch=args.patch_size,
-               **MODELS[args.model])
+    preset = {**MODELS[args.model], "patch": args.patch_size}  # --patch-size, else the preset's
+    return DiT(tuple(config["latent_shape"]), config["num_classes"], **preset)
 
 
 def build_prior(args, config):
@@ -754,9 +799,16 @@ def load_for_sampling(path, device, use_ema=True, vae=None):
         trained_with_dropout=args.cfg_dropout > 0, num_classes=num_classes)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add = parser.add_argument
     # Data.
     add("--data", default="builtin-digits", choices=DATA_SETS,
@@ -770,14 +822,19 @@ def parse_args(argv=None):
     add("--vae", default="none",
         help="'none' (train on pixels), 'sd-ema', 'sd-mse', a local diffusers AutoencoderKL folder, "
              "or a folder with taef2_encoder.pth and taef2_decoder.pth")
+    add("--mirror", action=argparse.BooleanOptionalAction, default=None,
+        help="also train on every image's mirror image (default: on for ImageNet and image folders, off for "
+             "Fashion-MNIST and the digits, whose items face one way)")
     add("--latent-cache", default=None,
         help="folder for the encoded latents (default OUT/latents); share it between runs")
     add("--workers", type=int, default=2,
         help="DataLoader workers that prepare the training batches (prior samples, t, dropout, OT pairs) "
              "and read ImageFolder images for the latent cache; 0: in the main process")
     # Model and method.
-    add("--model", default="tiny", choices=list(MODELS), help="DiT size preset")
-    add("--patch-size", type=int, default=2, help="DiT patch side in latent pixels")
+    add("--model", default=None, choices=list(MODELS),
+        help="DiT preset (default: small-p8 for fashion-mnist, tiny otherwise)")
+    add("--patch-size", type=int, default=None,
+        help="DiT patch side in latent pixels (default: the preset's)")
     add("--prior", default="class", choices=["gaussian", "class"],
         help="N(0, I) (CondOT) or N(m(c), sigma^2 I)")
     add("--prior-sigma", type=float, default=0.5, help="sigma of the class prior")
@@ -827,6 +884,10 @@ def check_args(parser, args):
     elif not args.data_root or not os.path.exists(args.data_root):
         parser.error(f"--data {args.data} needs --data-root pointing to the data (got {args.data_root!r})")
     args.image_size = args.image_size or NATURAL_SIZE[args.data]
+    args.model = args.model or DEFAULT_MODEL.get(args.data, "tiny")
+    args.patch_size = args.patch_size or MODELS[args.model].get("patch", 2)
+    if args.mirror is None:  # 99% of Fashion-MNIST's sneakers and ankle boots face left: no mirror images
+        args.mirror = args.data in ("imagenet64", "image-folder")
     if os.path.isdir(args.vae):  # recorded in the checkpoint: absolute, so sample.py finds it from anywhere
         args.vae = os.path.abspath(args.vae)
     if args.data == "fashion-mnist":

@@ -202,7 +202,7 @@ def test_batch_order_covers_each_epoch():
 
 
 def test_dit_starts_at_zero_velocity_and_keeps_shape():
-    model = train_class.DiT((4, 8, 8), num_classes=5, patch=2, **train_class.MODELS["tiny"])
+    model = train_class.DiT((4, 8, 8), num_classes=5, **{**train_class.MODELS["tiny"], "patch": 2})
     x = torch.randn(3, 4, 8, 8)
     v = model(x, torch.rand(3), torch.tensor([0, 4, 5]))  # 5 = the null class
     assert v.shape == x.shape and torch.count_nonzero(v) == 0  # adaLN-zero and zero output layer
@@ -221,9 +221,12 @@ def test_imagenet_npz_training_reads_every_batch_file(tmp_path):
         write_imagenet_batch(tmp_path / f"train_data_batch_{k}.npz", labels=[k, k + 1], seed=k)
     assert [os.path.basename(p) for p in train_class.imagenet_npz_files(str(tmp_path))] == [
         "train_data_batch_1.npz", "train_data_batch_2.npz", "train_data_batch_10.npz"]
-    args = train_class.parse_args(["--data", "imagenet64", "--data-root", str(tmp_path)])
+    args = train_class.parse_args(["--data", "imagenet64", "--data-root", str(tmp_path), "--no-mirror"])
     x, y, num_classes = train_class.load_pixels(args)
     assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 1, 1, 2, 9, 10] and num_classes == 1000
+    args.mirror = True  # the default for ImageNet: every image, then every mirror image
+    x_mirrored, y_mirrored, _ = train_class.load_pixels(args)
+    assert torch.equal(x_mirrored, torch.cat([x, x.flip(-1)])) and torch.equal(y_mirrored, torch.cat([y, y]))
     train(tmp_path / "out", "--data", "imagenet64", "--data-root", tmp_path, "--prior", "gaussian",
           "--steps", 1)
     checkpoint = load(tmp_path / "out" / "checkpoints" / "step_0000001.pt")
@@ -234,7 +237,7 @@ def test_max_train_images_counts_images_over_all_npz_files(tmp_path):
     for k in (1, 2, 3):
         write_imagenet_batch(tmp_path / f"train_data_batch_{k}.npz", labels=[k, k], seed=k)
     args = train_class.parse_args(["--data", "imagenet64", "--data-root", str(tmp_path),
-                                   "--max-train-images", "3"])
+                                   "--max-train-images", "3", "--no-mirror"])
     _, y, _ = train_class.load_pixels(args)
     assert y.tolist() == [0, 0, 1]  # the first 3 images in data order
 
@@ -252,7 +255,7 @@ def test_image_folder_training_with_class_prior(tmp_path):
           "--steps", 2, "--workers", 0)
     checkpoint = load(tmp_path / "out" / "checkpoints" / "step_0000002.pt")
     assert checkpoint["config"] == {"num_classes": 2, "latent_shape": [3, 8, 8]}
-    assert checkpoint["prior"]["counts"].tolist() == [5, 3]
+    assert checkpoint["prior"]["counts"].tolist() == [10, 6]  # each image and its mirror image (default)
     sampler = train_class.load_for_sampling(str(tmp_path / "out"), "cpu")
     assert isinstance(sampler, flow.Sampler) and sampler.num_classes == 2 and sampler.kind == "class"
     latents = torch.rand(2, 3, 8, 8) * 4 - 2
@@ -283,8 +286,8 @@ def test_vae_latents_are_cached_with_flips(tmp_path):
                "--vae", tmp_path / "vae", "--latent-cache", tmp_path / "cache", "--steps", 2, "--workers", 0,
                "--quiet"]
     train(tmp_path / "out", *options)
-    latents, flipped = (np.load(tmp_path / "cache" / f"{name}_rank0.npy") for name in ("latents", "flipped"))
-    labels = np.load(tmp_path / "cache" / "labels_rank0.npy")
+    shards = read_shards(tmp_path / "cache")  # an image folder: mirror images by default
+    latents, flipped, labels = shards["latents"], shards["flipped"], shards["labels"]
     assert latents.shape == flipped.shape == (8, 4, 4, 4) and sorted(labels.tolist()) == [0] * 5 + [1] * 3
     raw = np.concatenate([latents, flipped]).astype(np.float64)  # 8 images and their mirror images
     mean, std = raw.mean((0, 2, 3)), raw.transpose(1, 0, 2, 3).reshape(4, -1).std(1, ddof=1)
@@ -315,16 +318,21 @@ def fashion(tmp_path_factory):
     write_fashion(root / "data")
     write_taef2(root / "taef2")
     options = ["--data", "fashion-mnist", "--data-root", root / "data", "--vae", root / "taef2",
-               "--latent-cache", root / "cache", "--quiet"]
+               "--latent-cache", root / "cache", "--mirror", "--quiet"]  # mirror: tested here, off by default
     train(root / "run", *options, "--steps", 2, "--ckpt-every", 2, "--sample-every", 2)
     return root, options
 
 
+def read_shards(cache):
+    info = json.loads((cache / "info.json").read_text())
+    return flow.read_shards(str(cache), info["shards"])
+
+
 def cached_raw_latents(cache):
     """The raw latents of the cache, originals then mirror images, float64, and their labels."""
-    latents, flipped, labels = (np.load(os.path.join(cache, f"{name}_rank0.npy"))
-                                for name in ("latents", "flipped", "labels"))
-    return np.concatenate([latents, flipped]).astype(np.float64), np.concatenate([labels, labels])
+    shards = read_shards(cache)
+    return (np.concatenate([shards["latents"], shards["flipped"]]).astype(np.float64),
+            np.concatenate([shards["labels"], shards["labels"]]))
 
 
 def test_fashion_cache_holds_the_encoded_images_and_their_mirror_images(fashion):
@@ -332,11 +340,11 @@ def test_fashion_cache_holds_the_encoded_images_and_their_mirror_images(fashion)
     images, labels = flow.load_fashion_mnist(str(root / "data"), "train")
     x = flow.fashion_to_rgb(images).float() / 127.5 - 1  # 28 -> 64 px RGB in [-1, 1]
     autoencoder = flow.load_autoencoder(str(root / "taef2"))
+    shards = read_shards(root / "cache")
     for name, expected in (("latents", autoencoder.encode(x)), ("flipped", autoencoder.encode(x.flip(-1)))):
-        cached = np.load(root / "cache" / f"{name}_rank0.npy")
-        assert cached.shape == (30, 32, 8, 8)
-        np.testing.assert_allclose(cached, expected.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(np.load(root / "cache" / "labels_rank0.npy"), labels)
+        assert shards[name].shape == (30, 32, 8, 8)
+        np.testing.assert_allclose(shards[name], expected.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(shards["labels"], labels)
     info = json.loads((root / "cache" / "info.json").read_text())
     assert info["num_images"] == 30 and info["num_classes"] == 10 and info["image_size"] == 64
     assert info["vae"] == str(root / "taef2") and info["data_root"] == str(root / "data")
@@ -383,7 +391,7 @@ def test_decode_undoes_the_normalisation(fashion):
     assert sampler.latent_shape == (32, 8, 8) and sampler.num_classes == 10
     config = load(root / "run" / "checkpoints" / "step_0000002.pt")["config"]
     mean, std = (torch.tensor(config[key]).reshape(-1, 1, 1) for key in ("latent_mean", "latent_std"))
-    raw = torch.as_tensor(np.load(root / "cache" / "latents_rank0.npy")[:4])
+    raw = torch.as_tensor(read_shards(root / "cache")["latents"][:4])
     images = sampler.decode((raw - mean) / std)
     autoencoder = flow.load_autoencoder(str(root / "taef2"))
     assert images.shape == (4, 3, 64, 64) and images.abs().max() <= 1
@@ -508,12 +516,12 @@ def test_time_schedule_reaches_the_loss(tmp_path, monkeypatch, schedule):
 
 
 def test_patch_size_sets_the_tokens(tmp_path):
-    model = train_class.DiT((32, 8, 8), num_classes=3, patch=4, **train_class.MODELS["tiny"])
+    model = train_class.DiT((32, 8, 8), num_classes=3, **{**train_class.MODELS["tiny"], "patch": 4})
     assert model.grid == (2, 2) and model.embed_patches.in_features == 4 * 4 * 32
     x = torch.randn(2, 32, 8, 8)
     assert model(x, torch.rand(2), torch.tensor([0, 3])).shape == x.shape
     with pytest.raises(SystemExit, match="^error: latents of size 8x8 cannot be cut into 3x3 patches$"):
-        train_class.DiT((32, 8, 8), num_classes=3, patch=3, **train_class.MODELS["tiny"])
+        train_class.DiT((32, 8, 8), num_classes=3, **{**train_class.MODELS["tiny"], "patch": 3})
     train(tmp_path, "--steps", 1, "--patch-size", 4)
     checkpoint = load(tmp_path / "checkpoints" / "step_0000001.pt")
     assert checkpoint["model"]["embed_patches.weight"].shape == (64, 4 * 4 * 1)
@@ -590,17 +598,87 @@ def test_a_corrupt_image_is_a_one_line_error(tmp_path, workers):
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
 
 
-def test_a_latent_cache_with_nan_is_refused(fashion, tmp_path):
+def copy_of_cache(fashion, tmp_path):
     root, options = fashion
     shutil.copytree(root / "cache", tmp_path / "cache")
-    latents = np.load(tmp_path / "cache" / "latents_rank0.npy")
-    latents[3, 1, 2, 2] = np.nan
-    np.save(tmp_path / "cache" / "latents_rank0.npy", latents)
     options = [str(option) for option in options]
     options[options.index("--latent-cache") + 1] = str(tmp_path / "cache")
-    one_line_error(f"^error: latent cache {tmp_path / 'cache'} holds NaN or inf values: delete it",
+    return tmp_path / "cache", options
+
+
+def test_a_latent_cache_with_nan_is_refused(fashion, tmp_path):
+    """An autoencoder that wrote NaN (the shard's checksum is right: the values were wrong when written)."""
+    cache, options = copy_of_cache(fashion, tmp_path)
+    shards = read_shards(cache)
+    shards["latents"][3, 1, 2, 2] = np.nan
+    flow.write_shard(str(cache), 0, shards)
+    info = json.loads((cache / "info.json").read_text())
+    info["shards"] = flow.shard_checksums(str(cache), info["num_images"])
+    (cache / "info.json").write_text(json.dumps(info))
+    one_line_error(f"^error: latent cache {cache} holds NaN or inf values: delete it",
                    tmp_path / "out", *options, "--steps", 1)
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "cut short", "missing", "index cut short"])
+def test_a_damaged_latent_cache_is_refused_in_one_line(fashion, tmp_path, damage):
+    """Finite garbage would train without a word (loss 58 -> 17,471): the index's sha256 tells."""
+    cache, options = copy_of_cache(fashion, tmp_path)
+    shard = cache / "shard_00000.npz"
+    data = bytearray(shard.read_bytes())
+    if damage == "flipped bytes":
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+        shard.write_bytes(bytes(data))
+    elif damage == "cut short":
+        shard.write_bytes(bytes(data[:len(data) // 2]))
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (cache / "info.json").write_text((cache / "info.json").read_text()[:50])
+    expected = f"latent cache shard {shard} is missing"
+    expected = "latent cache index" if damage == "index cut short" else expected
+    one_line_error(f"^error: {expected}", tmp_path / "out", *options, "--steps", 1)
+    assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_an_interrupted_encode_resumes_from_its_last_complete_shard(fashion, tmp_path, monkeypatch):
+    """Shards of 8 images: the 30 images make 4; with two of them and no index (a run killed while
+    encoding), the next run encodes only the two missing shards and ends with the same cache."""
+    _, options = fashion
+    monkeypatch.setattr(flow, "SHARD_IMAGES", 8)
+    options = [str(option) for option in options]
+    options[options.index("--latent-cache") + 1] = str(tmp_path / "cache")
+    train(tmp_path / "whole", *options, "--steps", 1)
+    whole = files_digest(tmp_path / "cache")
+    assert sorted(whole) == ["info.json", *(f"shard_{k:05d}.npz" for k in range(4))]
+    for name in ("info.json", "shard_00001.npz", "shard_00003.npz"):
+        os.remove(tmp_path / "cache" / name)
+    (tmp_path / "cache" / "shard_00002.npz").touch()  # mtime: a kept shard is not written again
+    kept = os.stat(tmp_path / "cache" / "shard_00002.npz").st_mtime_ns
+    encoded = []
+    encode = flow.Autoencoder.encode
+    monkeypatch.setattr(flow.Autoencoder, "encode", lambda self, x: encoded.append(len(x)) or encode(self, x))
+    train(tmp_path / "resumed", *options, "--steps", 1)
+    assert sum(encoded) == 2 * (8 + 6)  # shards 1 (8 images) and 3 (6), each with its mirror images
+    assert os.stat(tmp_path / "cache" / "shard_00002.npz").st_mtime_ns == kept
+    assert files_digest(tmp_path / "cache") == whole
+
+
+def test_fashion_has_no_mirror_images_by_default(fashion, tmp_path):
+    root, options = fashion  # root: an existing folder, as --data-root of the other data sets
+    options = [str(option) for option in options if str(option) != "--mirror"]
+    options[options.index("--latent-cache") + 1] = str(tmp_path / "cache")
+    args = train_class.parse_args([*options, "--out", str(tmp_path / "out")])
+    assert args.mirror is False
+    x, y, _, _ = train_class.load_data(args, 0, 1, torch.device("cpu"))
+    assert len(x) == len(y) == 30 and "flipped" not in read_shards(tmp_path / "cache")
+    mirrored = train_class.parse_args([*options, "--out", str(tmp_path / "out"), "--mirror"])
+    one_line_error("^error: latent cache .* was made from", tmp_path / "out2", *options, "--mirror",
+                   "--steps", 1)
+    assert mirrored.mirror is True
+    for data in ("imagenet64", "image-folder"):
+        assert train_class.parse_args(["--data", data, "--data-root", str(root)]).mirror is True
 
 
 # ----------------------------------------------------------------------------------------------
