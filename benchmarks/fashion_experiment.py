@@ -48,53 +48,69 @@ CONFIGS = {
 }
 # The prior x coupling grid: sample grids, midpoint, all Euler NFEs, and FD at NFE 4 at every checkpoint.
 GRID_CONFIGS = ("condot", "batchot", "class", "class-ot")
-EULER_NFE, MIDPOINT_NFE, CURVE_NFE, GRID_NFE = (1, 2, 4, 8, 16, 32), (2, 4, 8, 16), (4,), (1, 2, 4, 16)
-EXTRA_NFE = (1, 2, 4, 16)  # the sigma, schedule and CFG variants
+EULER_NFE, MIDPOINT_NFE, CURVE_NFE, GRID_NFE = (1, 2, 4, 8, 16, 32), (2, 4, 8), (8,), (1, 2, 4, 16)
+SEED_NFE = (2, 8)  # the grid's further seeds: the spread where the claims are read
+EXTRA_NFE = (1, 2, 8)  # the sigma, spread, schedule and CFG variants, every seed
 CFG_SCALES, CFG_NFE = (1.5, 2.5), EXTRA_NFE
+CALIBRATION_IMAGES = 100  # generated images of the planner's evaluation timing
 
 
 def python(script, *options):
     return [sys.executable, os.path.join(ROOT, script), *map(str, options)]
 
 
-def run_all(commands, parallel, deadline=None):
-    """Run (command, log file) pairs, at most `parallel` at once; past `deadline` (time.time()) the
-    ones still running are stopped. Returns the commands that failed or were stopped."""
-    waiting, running, failed = list(commands), [], []
-    threads = str(max(1, os.cpu_count() // parallel))  # no oversubscription of the cores
-    environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+def thread_environment(parallel):
+    """One share of the cores per process: oversubscribed OpenMP threads slow a CPU run tenfold."""
+    threads = str(max(1, os.cpu_count() // parallel))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def run_all(commands, parallel):
+    """Run (command, log file) pairs, at most `parallel` at once, with a line as each starts and ends.
+    Returns the log files of the commands that failed."""
+    waiting, running, failed, total = list(commands), [], [], len(commands)
+    environment = thread_environment(parallel)
     while waiting or running:
         while waiting and len(running) < parallel:
             command, log = waiting.pop(0)
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "w") as file:
                 running.append((subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, cwd=ROOT,
-                                                 env=environment),
-                                command, log))
+                                                 env=environment), command, log, time.perf_counter()))
+            print(f"[{total - len(waiting)}/{total}] started, log {log}", flush=True)
         time.sleep(1)
         for entry in list(running):
-            process, command, log = entry
-            if deadline and time.time() > deadline and process.poll() is None:
-                process.terminate()
-                process.wait()
-                print(f"stopped at the deadline: {log}", flush=True)
+            process, command, log, start = entry
             if process.poll() is not None:
                 running.remove(entry)
                 if process.returncode:
                     failed.append(log)
                     print(f"failed ({process.returncode}): {' '.join(command)} (log {log})", flush=True)
+                else:
+                    print(f"done in {time.perf_counter() - start:.0f} s: {log}", flush=True)
     return failed
 
 
-def train_options(args, name):
-    budget = ["--steps", args.steps, "--ckpt-every", args.steps // 4, "--sample-every", args.steps,
-              "--log-every", max(1, args.steps // 40)]
+def run_names(args):
+    """Every trained run: each configuration once per seed."""
+    return [f"{name}-seed{seed}" for name in CONFIGS for seed in args.seeds]
+
+
+def config_of(run):
+    return run.rsplit("-seed", 1)[0]
+
+
+def train_options(args, run, steps=None):
+    steps = steps or args.steps
+    budget = ["--steps", steps, "--ckpt-every", max(1, steps // 4), "--sample-every", steps,
+              "--log-every", max(1, steps // 40)]
+    model = ["--model", args.model] if args.model else []  # default: train_class.py's Fashion-MNIST recipe
     return [str(option) for option in [
         "--data", "fashion-mnist", "--data-root", args.data_root, "--vae", args.vae,
-        "--latent-cache", os.path.join(args.out, "latents"), "--model", args.model,
-        "--global-batch", args.batch, "--lr", args.lr, "--warmup-steps", min(500, args.steps // 10 + 1),
-        "--ema-decay", 0.999, "--max-train-images", args.max_train_images or 60000, *budget,
-        "--quiet", "--out", os.path.join(args.out, "runs", name), *CONFIGS[name]]]
+        "--latent-cache", os.path.join(args.out, "latents"), *model, "--seed", run.rsplit("-seed", 1)[1],
+        "--global-batch", args.batch, "--lr", args.lr, "--warmup-steps", min(100, steps // 10 + 1),
+        "--ema-decay", 0.999, "--max-train-images", args.max_train_images or 60000, "--workers", 1, *budget,
+        "--quiet", "--out", os.path.join(args.out, "runs", run), *CONFIGS[config_of(run)]]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +125,11 @@ def prepare(args):
     import train_class
 
     start = time.perf_counter()
-    options = train_class.parse_args(train_options(args, "condot"))
+    run = f"{next(iter(CONFIGS))}-seed{args.seeds[0]}"
+    options = train_class.parse_args([o for o in train_options(args, run) if o != "--quiet"])  # encode bar
     device = torch.device(args.device)
+    print(f"prepare: latent cache of {args.max_train_images or 60000} images in {args.out}/latents",
+          flush=True)
     x, _, _, normalisation = train_class.load_data(options, 0, 1, device)
     seconds = time.perf_counter() - start
     summary = {"latent_examples": len(x), "latent_shape": list(x.shape[1:]), "cache_seconds": seconds,
@@ -136,52 +155,107 @@ def prepare(args):
 def train(args):
     if not os.path.isfile(os.path.join(args.out, "latents", "info.json")):
         raise SystemExit(f"error: no latent cache in {args.out}/latents: run the prepare stage first")
-    commands = [(python("train_class.py", *train_options(args, name)),
-                 os.path.join(args.out, "logs", f"{name}.log"))
-                for name in CONFIGS]
-    deadline = time.time() + 60 * args.train_minutes if args.train_minutes else None
-    return run_all(commands, args.parallel, deadline)
+    steps = plan(args) if args.budget_minutes else args.steps
+    commands = [(python("train_class.py", *train_options(args, run, steps)),
+                 os.path.join(args.out, "logs", f"{run}.log"))
+                for run in run_names(args)]
+    return run_all(commands, args.parallel)
 
 
-def sample_command(args, checkpoint, out, nfe, *extra):
+def plan(args):
+    """Steps per run such that training and evaluation end inside --budget-minutes: a calibration run
+    measures seconds per training step, a calibration evaluation the seconds per judged image; the
+    evaluation is planned first (it is fixed by --num-images and the NFEs), training gets the rest.
+    On a CPU, --parallel processes of one thread each (run_all) share the cores; on a GPU, processes that
+    share it are assumed to gain nothing from it (a plan that errs on the safe side)."""
+    folder = os.path.join(args.out, "calibration")
+    if not os.path.isfile(os.path.join(folder, "plan.json")):
+        run = f"{next(iter(CONFIGS))}-seed{args.seeds[0]}"
+        options = train_options(args, run, steps=30)
+        options[options.index("--out") + 1] = os.path.join(folder, "run")
+        options[options.index("--log-every") + 1] = "10"
+        environment = thread_environment(args.parallel)  # the threads each run will have
+        subprocess.run(python("train_class.py", *options), check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       env=environment)
+        with open(os.path.join(folder, "run", "log.jsonl")) as file:
+            last = [json.loads(line) for line in file][-1]
+        step_seconds = args.batch / last["images_per_s"]
+        walls = []  # one NFE, then the same twice: the difference is one judged setting, the rest start-up
+        for nfes in ((1,), (1, 1)):
+            start = time.perf_counter()
+            command = sample_command(args, os.path.join(folder, "run"), os.path.join(folder, "eval"), nfes,
+                                     num_images=CALIBRATION_IMAGES)
+            subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=environment)
+            walls.append(time.perf_counter() - start)
+        save_json({"step_seconds": step_seconds, "start_seconds": max(0.0, 2 * walls[0] - walls[1]),
+                   "image_seconds": max(0.0, walls[1] - walls[0]) / CALIBRATION_IMAGES},
+                  os.path.join(folder, "plan.json"))
+    with open(os.path.join(folder, "plan.json")) as file:
+        measured = json.load(file)
+    evaluations = evaluation_plan(args)
+    judged = sum(len(nfes) * count for *_, nfes, _, count in evaluations) * args.num_images
+    commands = sum(count for *_, count in evaluations)
+    at_once = min(args.parallel, os.cpu_count()) if args.device == "cpu" else 1
+    eval_seconds = (judged * measured["image_seconds"] + commands * measured["start_seconds"]) / at_once
+    train_seconds = 60 * args.budget_minutes - eval_seconds
+    steps = int(train_seconds * at_once / (len(run_names(args)) * measured["step_seconds"]))
+    print(f"plan for {args.budget_minutes:g} min: evaluation {eval_seconds / 60:.1f} min "
+          f"({judged} judged images), "
+          f"training {len(run_names(args))} runs x {steps} steps ({measured['step_seconds']:.3f} s/step)",
+          flush=True)
+    if steps < 10:
+        raise SystemExit(f"error: --budget-minutes {args.budget_minutes:g} leaves {max(steps, 0)} training "
+                         f"steps per run after {eval_seconds / 60:.1f} min of evaluation: give more minutes, "
+                         "fewer --configs, --seeds or --num-images")
+    return steps
+
+
+def sample_command(args, checkpoint, out, nfe, *extra, num_images=None):
     return python("sample.py", "--ckpt", checkpoint, "--fid-ref", os.path.join(args.out, "reference.npz"),
-                  "--num-images", args.num_images, "--batch-size", 500, "--nfe", *nfe, "--out", out,
-                  "--overwrite", "--quiet", *extra)
+                  "--num-images", num_images or args.num_images, "--batch-size", 500, "--nfe", *nfe,
+                  "--out", out, "--overwrite", "--quiet", *extra)
+
+
+def evaluation_plan(args):
+    """(run, checkpoints, folder, NFEs, extra sample.py options, count) of every evaluation. Every run:
+    Euler at the NFEs the tables compare; the first seed of every configuration also FD against training
+    steps (the 3 checkpoints before the last: 'intermediate', count 3), and of the prior x coupling grid
+    NFE 32 and midpoint."""
+    plan = []
+    for run in run_names(args):
+        name, first = config_of(run), run.endswith(f"-seed{args.seeds[0]}")
+        grid = name in GRID_CONFIGS
+        euler = EULER_NFE if grid and first else SEED_NFE if grid else EXTRA_NFE
+        plan.append((run, "final", "euler", euler, []))
+        if first:
+            plan.append((run, "intermediate", None, CURVE_NFE, []))
+        if grid and first:
+            plan.append((run, "final", "midpoint", MIDPOINT_NFE, ["--solver", "midpoint"]))
+        if name == "class-ot" and first:  # the autoencoder floor: any checkpoint of this latent space will do
+            real = os.path.join(args.out, "real_train.npz")
+            plan.append((run, "final", "floor", (1,), ["--vae-floor", real]))
+        if name == "class-cfg":
+            plan += [(run, "final", f"cfg{scale}", CFG_NFE, ["--cfg-scale", scale]) for scale in CFG_SCALES]
+    return [(run, which, folder, nfes, extra, 3 if which == "intermediate" else 1)
+            for run, which, folder, nfes, extra in plan]
 
 
 def evaluation_commands(args):
-    commands = []
-    for name in CONFIGS:
-        run = os.path.join(args.out, "runs", name)
-        checkpoints = sorted(glob.glob(os.path.join(run, "checkpoints", "step_*.pt")))
+    commands, logs = [], os.path.join(args.out, "logs")
+    for run, which, folder, nfes, extra, _ in evaluation_plan(args):
+        checkpoints = sorted(glob.glob(os.path.join(args.out, "runs", run, "checkpoints", "step_*.pt")))
         if not checkpoints:
             continue
-        final, logs = checkpoints[-1], os.path.join(args.out, "logs")
-        euler_nfe = EULER_NFE if name in GRID_CONFIGS else EXTRA_NFE
-        commands.append((sample_command(args, final, os.path.join(run, "eval", "euler"), euler_nfe),
-                         os.path.join(logs, f"{name}-euler.log")))
-        if name in GRID_CONFIGS:
-            commands.append((sample_command(args, final, os.path.join(run, "eval", "midpoint"),
-                                            MIDPOINT_NFE, "--solver", "midpoint"),
-                             os.path.join(logs, f"{name}-midpoint.log")))
-        if name == "class-ot":  # the autoencoder floor: any checkpoint of this latent space will do
-            commands.append((sample_command(args, final, os.path.join(run, "eval", "floor"), (1,),
-                                            "--vae-floor", os.path.join(args.out, "real_train.npz")),
-                             os.path.join(logs, "floor-autoencoder.log")))
-        if name in GRID_CONFIGS:
-            for checkpoint in checkpoints[:-1]:
-                step = os.path.basename(checkpoint)[:-3]
-                commands.append((sample_command(args, checkpoint, os.path.join(run, "eval", step), CURVE_NFE),
-                                 os.path.join(logs, f"{name}-{step}.log")))
-        if name in GRID_CONFIGS:
-            grid = python("sample.py", "--ckpt", final, "--num-images", 80, "--nfe", *GRID_NFE, "--out",
-                          os.path.join(run, "eval", "grids"), "--overwrite", "--quiet")
-            commands.append((grid, os.path.join(logs, f"{name}-grids.log")))
-        if name == "class-cfg":
-            for scale in CFG_SCALES:
-                commands.append((sample_command(args, final, os.path.join(run, "eval", f"cfg{scale}"),
-                                                CFG_NFE, "--cfg-scale", scale),
-                                 os.path.join(logs, f"{name}-cfg{scale}.log")))
+        for checkpoint in checkpoints[:-1] if which == "intermediate" else checkpoints[-1:]:
+            name = folder or os.path.basename(checkpoint)[:-3]
+            out = os.path.join(args.out, "runs", run, "eval", name)
+            commands.append((sample_command(args, checkpoint, out, nfes, *extra),
+                             os.path.join(logs, f"{run}-{name}.log")))
+        if folder == "midpoint":  # the first seed of the grid: sample grids for the docs
+            grid = python("sample.py", "--ckpt", checkpoints[-1], "--num-images", 80, "--nfe", *GRID_NFE,
+                          "--out", os.path.join(args.out, "runs", run, "eval", "grids"), "--overwrite",
+                          "--quiet")
+            commands.append((grid, os.path.join(logs, f"{run}-grids.log")))
     return commands
 
 
@@ -198,7 +272,8 @@ def save_class_means(args):
 
     import train_class
 
-    checkpoints = sorted(glob.glob(os.path.join(args.out, "runs", "class", "checkpoints", "step_*.pt")))
+    run = f"class-seed{args.seeds[0]}"
+    checkpoints = sorted(glob.glob(os.path.join(args.out, "runs", run, "checkpoints", "step_*.pt")))
     if checkpoints:
         sampler = train_class.load_for_sampling(checkpoints[-1], args.device)
         with torch.no_grad():
@@ -237,6 +312,12 @@ def main(args):
                       "report": report})
 
 
+def cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def write_smoke_inputs(folder):
     """Tiny Fashion-MNIST idx files and random TAEF2 weights, so that --smoke needs nothing else."""
     import gzip
@@ -271,27 +352,32 @@ def parse_args(argv=None):
                         help="Fashion-MNIST idx files")
     parser.add_argument("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"),
                         help="TAEF2 folder")
-    parser.add_argument("--out", default="runs/fashion", help="experiment folder")
+    parser.add_argument("--out", default="runs/fashion-experiment", help="experiment folder")
     parser.add_argument("--docs", default=None,
                         help="where the report writes tables and figures (default OUT/report)")
-    parser.add_argument("--device", default="cuda",
-                        help="device of the prepare stage (the scripts pick their own)")
-    parser.add_argument("--model", default="small", help="train_class.py --model")
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps of every configuration")
+    parser.add_argument("--device", default="cuda" if cuda_available() else "cpu",
+                        help="device of the prepare stage (the scripts pick their own); default: CUDA if "
+                             "present")
+    parser.add_argument("--model", default=None,
+                        help="train_class.py --model (default: its Fashion-MNIST recipe)")
+    parser.add_argument("--steps", type=int, default=4000,
+                        help="optimizer steps of every run (without --budget-minutes)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="plan the steps so that training and evaluation end inside this many minutes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds of every configuration")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
-    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--max-train-images", type=int, default=None,
-                        help="first N training images (all 60k)")
-    parser.add_argument("--num-images", type=int, default=5000,
+                        help="first N training images (default: all 60k)")
+    parser.add_argument("--num-images", type=int, default=2000,
                         help="generated (and real floor) images per FD")
     parser.add_argument("--probe-images", type=int, default=20000,
                         help="real training images for the linear probe")
     parser.add_argument("--reference-images", type=int, default=10000,
                         help="Fashion-MNIST test images of the reference")
-    parser.add_argument("--parallel", type=int, default=len(CONFIGS),
-                        help="processes at once (they share the GPU)")
-    parser.add_argument("--train-minutes", type=float, default=None,
-                        help="stop training after this wall time")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="processes at once (default: every run on a GPU, which they share; 1 on a CPU)")
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                         help="train and evaluate only these configurations (default: all)")
     parser.add_argument("--smoke", action="store_true",
@@ -302,10 +388,10 @@ def parse_args(argv=None):
         parser.error(f"unknown stages {args.stages}: choose from prepare, train, eval, report")
     if args.smoke:
         args.out = tempfile.mkdtemp(prefix="fashion_smoke_")
-        args.device, args.model, args.steps, args.batch = "cpu", "tiny", 4, 16
+        args.device, args.model, args.steps, args.batch, args.seeds = "cpu", "tiny", 4, 16, [0, 1]
         args.max_train_images, args.num_images, args.probe_images, args.parallel = 64, 20, 100, 2
         args.reference_images = 20
-        for name in set(CONFIGS) - {"condot", "class-ot", "class-cfg"}:  # enough to run every stage
+        for name in set(CONFIGS) - {"condot", "class-ot"}:  # enough to run every stage
             CONFIGS.pop(name)
         global EULER_NFE, MIDPOINT_NFE, CFG_NFE
         EULER_NFE, MIDPOINT_NFE, CFG_NFE = (1, 2), (2,), (1,)
@@ -313,6 +399,7 @@ def parse_args(argv=None):
     for name in set(CONFIGS) - set(args.configs or CONFIGS):
         CONFIGS.pop(name)
     args.docs = args.docs or os.path.join(args.out, "report")
+    args.parallel = args.parallel or (len(CONFIGS) * len(args.seeds) if args.device == "cuda" else 1)
     if not os.path.isdir(args.data_root):  # checked after --smoke has written its own
         parser.error(f"--data-root {args.data_root} does not exist (apt-get install dataset-fashion-mnist)")
     return args

@@ -62,6 +62,36 @@ def read_run(run):
     return results
 
 
+def merge_seeds(runs):
+    """{config: results} with FD, class accuracy, straightness and transport cost averaged over the
+    seeds of `runs` ({"config-seedS": results}); 'fd_std' and 'class_accuracy_std' hold their spread
+    (sample standard deviation, 0 for one seed) and 'seeds' their number. Steps: the first seed's."""
+    groups = {}
+    for run in sorted(runs, key=lambda r: int(r.rsplit("-seed", 1)[1]) if "-seed" in r else 0):
+        groups.setdefault(run.rsplit("-seed", 1)[0], []).append(runs[run])
+    merged = {}
+    for name, seeds in groups.items():
+        first = dict(seeds[0])
+        for solver in ("euler", "midpoint"):
+            first[solver] = {nfe: merge_records([s[solver][nfe] for s in seeds if nfe in s[solver]])
+                             for nfe in seeds[0][solver]}
+        costs = [s["train_transport_cost"] for s in seeds if "train_transport_cost" in s]
+        if costs:
+            first["train_transport_cost"] = float(np.mean(costs))
+        merged[name] = first
+    return merged
+
+
+def merge_records(records):
+    merged = dict(records[0], seeds=len(records))
+    for key in ("fd", "class_accuracy", "straightness"):
+        values = [r[key] for r in records if key in r]
+        if values:
+            merged[key] = float(np.mean(values))
+            merged[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return merged
+
+
 def fd(results, nfe, solver="euler"):
     record = results[solver].get(nfe)
     return record["fd"] if record else float("nan")
@@ -77,8 +107,16 @@ def number(value, digits=1):
     return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def spread(results, nfe, solver, key, scale=1.0, digits=1):
+    """'mean ± std' over the seeds (the mean alone for one seed)."""
+    record = results[solver].get(nfe) or {}
+    text = number(scale * record.get(key, float("nan")), digits)
+    return text + (f" ± {scale * record[key + '_std']:.{digits}f}" if record.get("seeds", 1) > 1 else "")
+
+
 def nfe_table(runs, names, solver, nfes, floors):
-    rows = [[NAMES[n]] + [f"{number(fd(runs[n], k, solver))} / {number(100 * acc(runs[n], k, solver), 0)}%"
+    rows = [[NAMES[n]] + [f"{spread(runs[n], k, solver, 'fd')} / "
+                          f"{spread(runs[n], k, solver, 'class_accuracy', 100, 0)}%"
                           for k in nfes] for n in names if n in runs]
     rows += [[f"floor: {label}"] + [number(value)] * len(nfes) for label, value in floors]
     return table([f"{solver}: FD-EffNet / class accuracy"] + [f"NFE {k}" for k in nfes], rows)
@@ -154,10 +192,11 @@ def grids(out, docs):
     """One PNG per NFE: the four configurations side by side, one row per class, 8 samples each."""
     from PIL import Image
 
-    for path in glob.glob(os.path.join(out, "runs", "condot", "eval", "grids", "euler_nfe*.npz")):
+    for path in glob.glob(os.path.join(out, "runs", "condot*", "eval", "grids", "euler_nfe*.npz")):
         panels = []
         for name in MAIN:
-            npz = os.path.join(out, "runs", name, "eval", "grids", os.path.basename(path))
+            npz = next(iter(glob.glob(os.path.join(out, "runs", f"{name}-seed*", "eval", "grids",
+                                                   os.path.basename(path)))), "")
             if not os.path.exists(npz):
                 continue
             with np.load(npz) as data:
@@ -171,14 +210,19 @@ def grids(out, docs):
 
 def main(args):
     os.makedirs(args.docs, exist_ok=True)
-    runs = {os.path.basename(run): read_run(run)
-            for run in sorted(glob.glob(os.path.join(args.out, "runs", "*")))}
+    seeds = {os.path.basename(run): read_run(run)
+             for run in sorted(glob.glob(os.path.join(args.out, "runs", "*")))}
+    runs = merge_seeds(seeds)
+    seed_count = {name: max((r.get("seeds", 1) for r in runs[name]["euler"].values()), default=1)
+                  for name in runs}
     floor_real = read_json(os.path.join(args.out, "floor_real.json"))["fd"]
-    floor_path = os.path.join(args.out, "runs", "class-ot", "eval", "floor", "vae_floor.json")
+    floor_path = next(iter(glob.glob(os.path.join(args.out, "runs", "class-ot*", "eval", "floor",
+                                                  "vae_floor.json"))), "")
     floor_ae = read_json(floor_path)["fd"] if os.path.exists(floor_path) else float("nan")
     floors = [("real vs real", floor_real), ("TAEF2 reconstructions", floor_ae)]
     prepare = read_json(os.path.join(args.out, "prepare.json"))
-    results = {"runs": runs, "floor_real": floor_real, "floor_autoencoder": floor_ae, "prepare": prepare,
+    results = {"runs": runs, "seeds": seeds, "seed_count": seed_count, "floor_real": floor_real,
+               "floor_autoencoder": floor_ae, "prepare": prepare,
                "targets": targets(runs)}
     with open(os.path.join(args.docs, "fashion_results.json"), "w") as file:
         json.dump(results, file, indent=1, default=str)
@@ -241,7 +285,7 @@ def fake_run_folder(out):
 
     write(os.path.join(out, "floor_real.json"), {"fd": 10.0})
     write(os.path.join(out, "prepare.json"), {"latent_examples": 100, "cache_seconds": 2.0, "device": "cpu"})
-    for name in MAIN:
+    for name in [f"{config}-seed{seed}" for config in MAIN for seed in (0, 1)]:
         run = os.path.join(out, "runs", name)
         os.makedirs(os.path.join(run, "checkpoints"))
         open(os.path.join(run, "checkpoints", "step_0000008.pt"), "w").close()
@@ -256,7 +300,7 @@ def fake_run_folder(out):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/fashion",
+    parser.add_argument("--out", default="runs/fashion-experiment",
                         help="the experiment folder of fashion_experiment.py")
     parser.add_argument("--docs", default="docs/img", help="where the tables, results and figures go")
     parser.add_argument("--smoke", action="store_true",

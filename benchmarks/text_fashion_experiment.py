@@ -699,7 +699,7 @@ def parse_args(argv=None):
     add("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"), help="TAEF2 folder")
     add("--text-encoder", default=os.path.join(ROOT, "runs", "minilm", "all-MiniLM-L6-v2"),
         help="the sentence encoder of the 'minilm' runs: all-MiniLM-L6-v2's transformers folder")
-    add("--out", default="runs/text-fashion", help="experiment folder")
+    add("--out", default="runs/text-fashion-experiment", help="experiment folder")
     add("--docs", default=None, help="where the report writes tables and figures (default OUT/report)")
     add("--judge-weights", default=None,
         help="caption judge classifier, trained there if absent (default OUT/judge_classifier.pt)")

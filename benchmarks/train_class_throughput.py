@@ -35,6 +35,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import flow
 import train_class
 
 COMBINATIONS = [("gaussian", "independent"), ("gaussian", "ot"), ("class", "independent"), ("class", "ot")]
@@ -72,6 +73,28 @@ def preparation_ms(run, repeats=20):
     return 1000 * (time.perf_counter() - start) / repeats
 
 
+def network_step_ms(run, repeats=20):
+    """Milliseconds of one optimizer step of the network alone (forward, backward, clip, AdamW) on a batch
+    already in memory: what the step would cost without the script around it."""
+    with open(os.path.join(run, "args.json")) as file:
+        args = argparse.Namespace(**json.load(file))
+    sampler = train_class.load_for_sampling(run, "cpu")
+    model = train_class.build_model(args, {"latent_shape": list(sampler.latent_shape),
+                                           "num_classes": sampler.num_classes}).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    x0, x1 = (torch.randn(args.global_batch, *sampler.latent_shape) for _ in range(2))
+    labels, t = torch.randint(0, sampler.num_classes, (args.global_batch,)), torch.rand(args.global_batch)
+    times = []
+    for _ in range(repeats + 3):  # the first 3: warm-up
+        start = time.perf_counter()
+        flow.flow_matching_loss(model, x0, x1, labels, t=t).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[3:])
+
+
 def summarise(rates, waits, work, options):
     """Medians over rounds per (workers, combination), printed and returned; batch preparation timed
     on round 0's runs."""
@@ -79,14 +102,17 @@ def summarise(rates, waits, work, options):
     for workers, name in rates:
         rate, wait = statistics.median(rates[workers, name]), statistics.median(waits[workers, name])
         overhead = 100 * (statistics.median(rates[workers, "gaussian-independent"]) / rate - 1)
-        milliseconds = preparation_ms(os.path.join(work, "round0", f"workers{workers}-{name}"))
+        run = os.path.join(work, "round0", f"workers{workers}-{name}")
+        milliseconds, network_ms = preparation_ms(run), network_step_ms(run)
         step_ms = 1000 * options.global_batch / rate
         results.setdefault(f"workers={workers}", {})[name] = {
             "images_per_s": rate, "step_ms": step_ms, "overhead_vs_condot_percent": overhead,
-            "data_wait_ms": wait, "batch_preparation_ms": milliseconds}
+            "data_wait_ms": wait, "batch_preparation_ms": milliseconds, "network_step_ms": network_ms,
+            "script_overhead_percent": 100 * (step_ms / network_ms - 1)}
         print(f"workers {workers}  {name:22s} {rate:8.1f} images/s  step {step_ms:7.1f} ms  "
               f"overhead {overhead:+6.1f}%  waiting for the batch {wait:6.2f} ms  "
-              f"batch preparation {milliseconds:.2f} ms")
+              f"batch preparation {milliseconds:.2f} ms  network alone {network_ms:.1f} ms "
+              f"(script +{100 * (step_ms / network_ms - 1):.1f}%)")
     return results
 
 

@@ -36,3 +36,29 @@ def test_centre_scores_pick_the_nearest_combination_mean():
     scores = text_fashion_experiment.centre_scores(centres, combination, means)
     assert scores["item"] == 0.75 and scores["all"] == 0.5
     assert list(scores["nearest_class"]) == [0, 1, 0, 9]
+
+
+def test_the_budget_planner_gives_training_what_evaluation_leaves(tmp_path, capsys):
+    """fashion_experiment's --budget-minutes: evaluation first (judged images x seconds per image, plus
+    start-up per command), then the steps that fit; too small a budget is one line, not a plan."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fashion_experiment
+
+    args = fashion_experiment.parse_args(["--out", str(tmp_path), "--configs", "condot", "class-sigma1",
+                                          "--seeds", "0", "1", "--num-images", "100",
+                                          "--budget-minutes", "10"])
+    os.makedirs(tmp_path / "calibration")
+    (tmp_path / "calibration" / "plan.json").write_text(
+        '{"step_seconds": 0.5, "start_seconds": 3.0, "image_seconds": 0.01}')
+    plan = fashion_experiment.evaluation_plan(args)
+    judged = sum(len(nfes) * count for *_, nfes, _, count in plan) * 100
+    commands = sum(count for *_, count in plan)
+    # condot, seed 0: Euler 1-32, midpoint 2-16, NFE 8 at 3 earlier checkpoints; seed 1: Euler 1-16.
+    # class-sigma1 (a variant), both seeds: Euler 1, 2, 8; seed 0 also NFE 8 at the 3 earlier checkpoints.
+    assert judged == ((6 + 4 + 3 + 5) + (3 + 3 + 3)) * 100 and commands == (1 + 1 + 3 + 1) + (1 + 3 + 1)
+    evaluation = judged * 0.01 + commands * 3.0
+    assert fashion_experiment.plan(args) == int((600 - evaluation) / (4 * 0.5))
+    assert "plan for 10 min" in capsys.readouterr().out
+    args.budget_minutes = 1
+    with pytest.raises(SystemExit, match="^error: --budget-minutes 1 leaves 0 training steps"):
+        fashion_experiment.plan(args)
