@@ -527,6 +527,7 @@ def write_json(result, path):
     if path:
         with flow.atomic_file(path, "w") as file:
             json.dump(result, file, indent=2)
+        print(f"wrote {path}")
 
 
 def command_ref(args, device):
@@ -591,11 +592,18 @@ def positive_int(text):
     return int(text)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(commands.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+                                     epilog="the options of a command: fid.py {ref,calc,clip} --help")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{ref,calc,clip}")
+    add = functools.partial(commands.add_parser, formatter_class=HelpFormatter)
     ref = add("ref", help="compute reference statistics of real images")
     calc = add("calc", help="FD (and KID, class accuracy) of images against a reference")
     clip = add("clip", help="CLIP score of images against their captions")
@@ -605,7 +613,7 @@ def parse_args(argv=None):
     ref.add_argument("--out", required=True, help="output REF.npz")
     ref.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ref.add_argument("--feature-space", choices=sorted(METRICS), default=None,
-                     help="network for the features; None: digits for builtin-digits, else inception")
+                     help="network for the features (default: digits for builtin-digits, else inception)")
     ref.add_argument("--probe-train", default=None, help="labelled images (source as --images) to fit the "
                      "class-accuracy probe on")
     ref.add_argument("--probe-split", choices=["train", "test"], default="train", help="its split")
@@ -624,9 +632,9 @@ def parse_args(argv=None):
                          help="split of a Fashion-MNIST folder or builtin-digits (other sources have none)")
         sub.add_argument("--max-images", type=positive_int, default=None, help="the first N images only")
         sub.add_argument("--batch-size", type=positive_int, default=None,
-                         help="images per forward pass per process; None: 50, digits 5000")
+                         help="images per forward pass per process (default: 50, digits 5000)")
         sub.add_argument("--inception-weights", default=None,
-                         help="FID Inception state dict; None: pytorch-fid's, via the torch hub cache")
+                         help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
     args = parser.parse_args(argv)
     for option in ("out", "json"):  # checked now: they are written only after the long feature pass
         path = getattr(args, option, None)

@@ -9,7 +9,7 @@ sample x0 (t = 0) to the data (t = 1) with fixed-step Euler or midpoint (flow.so
                                      the layout the ADM evaluator reads
     OUT/{solver}_nfe{NFE:03d}.json   measured NFE, seconds per image, transport cost
                                      E||x1 - x0||^2 and straightness E int ||v - (x1 - x0)||^2 dt
-                                     of the sampled trajectories (and FID/KID with --fid-ref)
+                                     of the sampled trajectories (and FD/KID with --fid-ref)
     OUT/{solver}_nfe{NFE:03d}_captions.txt   text checkpoints: the caption of every image, in order
     OUT/args.json
 (OUT defaults to RUN/samples/step_N beside the checkpoint; existing results need --overwrite.)
@@ -22,7 +22,7 @@ Run:
     python sample.py --ckpt runs/train_class --nfe 1 2 4 8 16 --num-images 1000   # -> RUN/samples/step_N/
     python sample.py --ckpt runs/train_class --nfe 2 4 8 --solver midpoint --cfg-scale 1.5 --classes 3 7
     python sample.py --ckpt runs/train_text --prompts prompts.txt --nfe 4 16 --num-images 64
-    python sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz --kid  # FID/KID, no images written
+    python sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz --kid  # FD/KID, no images written
     python sample.py --ckpt CKPT --num-images 10000 --fid-ref REF.npz --vae-floor REAL.npz  # + VAE floor
     torchrun --standalone --nproc_per_node=8 sample.py --ckpt CKPT --num-images 50000 --fid-ref REF.npz
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 sample.py ...
@@ -331,13 +331,25 @@ def main(args):
         if rank == 0:
             write_json(floor, os.path.join(args.out, "vae_floor.json"))
             print(json.dumps(floor))
+    if rank == 0:  # the last line: what this run wrote where
+        suffixes = [".json"] if reference is not None else [".npz", ".png", ".json"]
+        suffixes += ["_captions.txt"] if kind == "text" and reference is None else []
+        files = ["args.json"] + [f"{args.solver}_nfe{nfe:03d}" + ", ".join(suffixes) for nfe in args.nfe]
+        print(f"wrote {args.out} ({', '.join(files + ['vae_floor.json'] * bool(args.vae_floor))})")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--ckpt", required=True,
                         help="checkpoint file, or a run folder (its latest checkpoint)")
     parser.add_argument("--out", default=None,
@@ -366,7 +378,8 @@ def parse_args(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
     parser.add_argument("--fid-ref", default=None,
-                        help="REF.npz from `fid.py ref`: compute FID right after sampling, write no images")
+                        help="REF.npz from `fid.py ref`: right after sampling, compute the Frechet "
+                             "distance in its feature space (FID, FD-EffNet or FD-digits); write no images")
     parser.add_argument("--kid", action="store_true", help="with --fid-ref: also compute KID")
     parser.add_argument("--kid-subset-size", type=int, default=1000,
                         help="images per KID subset (torch-fidelity's default)")
@@ -374,7 +387,7 @@ def parse_args(argv=None):
                         help="FID Inception state dict (default: pytorch-fid's, via the torch hub cache)")
     parser.add_argument("--vae-floor", default=None,
                         help="real images (folder, npz): "
-                             "also report the FID of their VAE reconstructions")
+                             "also report the Frechet distance of their VAE reconstructions")
     args = parser.parse_args(argv)
     for name in ("nfe", "num_images", "batch_size", "grid"):  # --grid 0 would divide by zero
         if min(np.atleast_1d(getattr(args, name))) < 1:

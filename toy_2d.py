@@ -364,7 +364,7 @@ def main(args):
         sweep = sigma_sweep(args, x_train, y_train, x_test, y_test)
         write_json(sweep, os.path.join(args.out, "sigma_sweep.json"))
         plot_sigma_sweep(sweep, os.path.join(args.out, "sigma_sweep.png"))
-        print(f"wrote {args.out}/sigma_sweep.json and sigma_sweep.png")
+        print(f"wrote {args.out} (args.json, sigma_sweep.json, sigma_sweep.png)")
         return
     results, samples, models = compare_methods(args, x_train, y_train, x_test, y_test)
     write_json(results, os.path.join(args.out, "results.json"))
@@ -374,7 +374,8 @@ def main(args):
     plot_samples(samples, y_test.numpy(), args.methods, os.path.join(args.out, "samples.png"))
     plot_w2(results, os.path.join(args.out, "w2_vs_nfe.png"))
     print_table(results, args.solvers, args.nfe)
-    print(f"\nwrote results.json, samples.npz and plots to {args.out}")
+    print(f"\nwrote {args.out} (args.json, results.json, samples.npz, trajectories.png, samples.png, "
+          "w2_vs_nfe.png)")
 
 
 def device_problem(name):
@@ -390,9 +391,16 @@ def device_problem(name):
     return None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default="blobs", choices=DATASETS, help="2D conditional data set")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
                         help="methods to train and compare")

@@ -1,4 +1,4 @@
-"""Text-conditional flow matching with the text prior, in one file: the MS-COCO experiment.
+"""Text-conditional flow matching with the text prior, in one file: shapes, Fashion-MNIST or MS-COCO.
 
 Two stages (Issachar et al., TMLR 2025; t = 0 is the prior sample x0, t = 1 the data x1):
   1. the mapper P, an MLP from the pooled text embedding tau(y) to latent space, regressed onto the
@@ -1194,6 +1194,14 @@ def main(args):
         if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
             save_sample_grids(args, done, ema.eval(), prior, grid, null, decode)
     barrier()
+    if rank == 0:  # the last line: what this run wrote where
+        files = ["args.json", "log.jsonl"]
+        if args.prior == "text" and not args.mapper_from:  # stage 1 trained here
+            files.append(f"mapper/step_{args.mapper_steps:07d}.pt")
+        files += ["mapper_means.png"] if args.prior == "text" else []
+        if args.steps:
+            files += [f"checkpoints/step_{args.steps:07d}.pt", f"samples/step_{args.steps:07d}_nfe_*.png"]
+        print(f"wrote {args.out} ({', '.join(files)})")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -1230,9 +1238,16 @@ def load_for_sampling(path, device, use_ema=True, vae=None, text_encoder=None):
         decode=make_decoder(vae or args.vae, config, device), trained_with_dropout=args.cfg_dropout > 0)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add = parser.add_argument
     # Data.
     add("--data", default="shapes", choices=["shapes", "fashion-captions", "coco"],
@@ -1249,7 +1264,7 @@ def parse_args(argv=None):
                                       "AutoencoderKL folder, or a folder with taef2_encoder.pth and "
                                       "taef2_decoder.pth")
     add("--latent-cache", default=None, help="folder for the encoded latents and text embeddings "
-                                             "(default OUT/latents); share it between runs")
+                                             "(default: OUT/latents); share it between runs")
     add("--workers", type=int, default=2,
         help="DataLoader workers that prepare the training batches (text-prior centres, noise, t, caption "
              "dropout, OT pairs) and read images for a latent cache; 0: in the main process")

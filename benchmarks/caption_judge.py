@@ -338,15 +338,22 @@ def main(args):
     print(table)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",
                         help="Fashion-MNIST idx files")
     parser.add_argument("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"),
                         help="TAEF2 folder, for the autoencoder row")
     parser.add_argument("--out", default="runs/judge", help="output folder")
-    parser.add_argument("--weights", default=None, help="classifier cache (default OUT/classifier.pt)")
+    parser.add_argument("--weights", default=None, help="classifier cache (default: OUT/classifier.pt)")
     parser.add_argument("--train-images", type=int, default=None, help="first N train items (all 60k)")
     parser.add_argument("--epochs", type=int, default=2, help="classifier epochs")
     parser.add_argument("--test-images", type=int, default=None,

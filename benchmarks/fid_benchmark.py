@@ -117,9 +117,16 @@ def main(args):
             print(json.dumps(result), flush=True)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for a quick check: {SMOKE}")
     parser.add_argument("--effnet-images", type=int, default=200, help="images per EffNet speed measurement")
     parser.add_argument("--batch-size", type=int, default=50, help="images per EffNet forward pass")

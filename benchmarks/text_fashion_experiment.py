@@ -688,11 +688,18 @@ def smoke(args):
     args.judge_budget = {"train_images": 100, "test_images": 100, "epochs": 1, "progress": False}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     add = parser.add_argument
     add("stages", nargs="*", help="what to run, in order: train, eval, swap, centres, report (default: all)")
     add("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
@@ -700,9 +707,9 @@ def parse_args(argv=None):
     add("--text-encoder", default=os.path.join(ROOT, "runs", "minilm", "all-MiniLM-L6-v2"),
         help="the sentence encoder of the 'minilm' runs: all-MiniLM-L6-v2's transformers folder")
     add("--out", default="runs/text-fashion-experiment", help="experiment folder")
-    add("--docs", default=None, help="where the report writes tables and figures (default OUT/report)")
+    add("--docs", default=None, help="where the report writes tables and figures (default: OUT/report)")
     add("--judge-weights", default=None,
-        help="caption judge classifier, trained there if absent (default OUT/judge_classifier.pt)")
+        help="caption judge classifier, trained there if absent (default: OUT/judge_classifier.pt)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the caches")
     add("--configs", nargs="+", default=list(CONFIGS)[:4], choices=list(CONFIGS),
         help="configurations (text-ot-sigma1: the text prior + OT with sigma 1, an ablation)")

@@ -186,8 +186,15 @@ def main(args):
             save_grid(finals, work, args)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--runs", nargs="+", help="train_class.py output folders (built-in digits)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
                         help="Euler NFEs for the final checkpoint")

@@ -138,8 +138,16 @@ def main(options, train_options):
                            "per_round": per_round}, file, indent=1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="tiny", choices=list(train_class.MODELS), help="DiT preset")
     parser.add_argument("--global-batch", type=int, default=64, help="images per step")
     parser.add_argument("--rounds", type=int, default=5,

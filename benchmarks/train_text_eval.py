@@ -238,8 +238,15 @@ def print_table(results, nfes):
                   f"{s['fd_pixels']:.2f} / {h['fd_pixels']:.2f} |")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
     add("runs", nargs="*",
         help="output folders of train_text.py runs on the built-in shapes (none: only the floors)")

@@ -69,8 +69,15 @@ def main(args):
               f"{args.batch / seconds:.1f} | {peak / 2**20:.0f} MiB |")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--setup", default="shapes", choices=list(SETUPS), help="latent shape and text encoder sizes")
     add("--model", nargs="+", default=["tiny", "small"], choices=list(train_text.MODELS), help="DiT presets")

@@ -362,6 +362,7 @@ def test_ref_and_calc_cli_on_digits(tmp_path, capsys):
     out = tmp_path / "result.json"
     fid.main(fid.parse_args(["calc", "--images", str(tmp_path / "train.npz"), "--ref", ref, "--kid",
                              "--kid-subset-size", "100", "--json", str(out)]))
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}"
     result = json.loads(out.read_text())
     reference = fid.load_reference(ref)
     assert reference["feature_space"] == "digits" and len(reference["features"]) == 360

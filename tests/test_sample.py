@@ -82,9 +82,12 @@ def error_of(argv):
     return message
 
 
-def test_outputs_labels_and_measured_nfe(tmp_path, checkpoint):
+def test_outputs_labels_and_measured_nfe(tmp_path, checkpoint, capsys):
     run_sample(["--ckpt", checkpoint, "--nfe", "1", "2", "4", "--num-images", "23", "--batch-size", "8",
                 "--out", str(tmp_path / "euler"), "--quiet"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote {tmp_path / 'euler'} (args.json, euler_nfe001.npz, .png, .json, euler_nfe002.npz, .png, "
+        ".json, euler_nfe004.npz, .png, .json)")
     run_sample(["--ckpt", checkpoint, "--nfe", "2", "4", "--solver", "midpoint", "--num-images", "23",
                 "--out", str(tmp_path / "midpoint"), "--quiet"])
     for solver, nfes in (("euler", (1, 2, 4)), ("midpoint", (2, 4))):

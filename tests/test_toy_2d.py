@@ -75,11 +75,14 @@ def test_class_prior_shortens_pairs_and_with_ot_samples_well_in_one_step(tmp_pat
     assert w2["cprior-ot"] < 0.75 * w2["condot"], w2
 
 
-def test_default_style_run_writes_every_output(tmp_path):
+def test_default_style_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     toy_2d.main(toy_2d.parse_args(["--steps", "30", "--train-size", "500", "--test-size", "120",
                                    "--nfe", "1", "2", "--methods", "condot", "cprior-ot", "--out", str(out),
                                    "--quiet", "--device", "cpu"]))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == (f"wrote {out} (args.json, results.json, samples.npz, trajectories.png, samples.png, "
+                    "w2_vs_nfe.png)")
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "blobs" and list(results["methods"]) == ["condot", "cprior-ot"]
     for result in results["methods"].values():

@@ -553,9 +553,13 @@ def test_samples_and_checkpoints_on_their_own_steps_and_a_fresh_log(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
 
 
-def test_mapper_from_reuses_a_trained_mapper(tmp_path, shapes_run):
+def test_mapper_from_reuses_a_trained_mapper(tmp_path, shapes_run, capsys):
     out = tmp_path / "reuse"
     run(out, "--mapper-from", str(shapes_run / "checkpoints" / "step_0000004.pt"), "--steps", "2")
+    last = capsys.readouterr().out.splitlines()[-1]  # what the run wrote where, and it is all there
+    assert last == (f"wrote {out} (args.json, log.jsonl, mapper_means.png, checkpoints/step_0000002.pt, "
+                    "samples/step_0000002_nfe_*.png)")
+    assert all(list(out.glob(name)) for name in last.split("(")[1].rstrip(")").split(", "))
     assert not list((out / "mapper").glob("*.pt"))  # no stage 1
     assert_same_state(load(shapes_run / "checkpoints" / "step_0000004.pt")["prior"],
                       load(out / "checkpoints" / "step_0000002.pt")["prior"])
