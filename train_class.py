@@ -284,6 +284,9 @@ def load_latents(args, rank, world_size, device):
     if not os.path.isfile(info_path):
         with flow.write_errors(cache):
             os.makedirs(cache, exist_ok=True)
+        if rank == 0:
+            flow.remove_partial_saves(cache)  # the cut-off shard of a run that was killed while writing it
+        barrier()
         count, num_classes = encode_to_cache(args, cache, rank, world_size, device)
         barrier()
         if rank == 0:

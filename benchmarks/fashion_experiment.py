@@ -7,15 +7,19 @@ EfficientNet-Lite0 feature space of fid.py (FD-EffNet, never "FID") against the 
 set, with a linear probe trained on real training images for the class accuracy. Stages:
 
     prepare  the latent cache, the reference statistics + probe, the real-vs-real floor
-    train    all configurations at once (they share one GPU; --parallel caps how many)
-    eval     FD-EffNet, class accuracy, transport cost and straightness at every NFE (Euler and
-             midpoint), FD at NFE 4 and 16 against training steps, CFG scales, the autoencoder
-             floor, sample grids and decoded class means
-    report   the tables (markdown + JSON) and plots from the run folders: regenerates the docs
+    train    every configuration once per --seeds seed, --parallel runs at once (on a GPU they share it;
+             on a CPU each gets a share of the cores); with --budget-minutes, the steps are planned so
+             that training and evaluation end inside the budget (see plan)
+    eval     FD-EffNet and class accuracy at the NFEs the tables compare (every seed), and for the first
+             seed FD at NFE 8 against training steps; for the prior x coupling grid also NFE 32,
+             midpoint and sample grids; CFG scales, the autoencoder floor, decoded class means
+    report   the tables (mean and spread over the seeds; markdown + JSON) and plots: regenerates the docs
 
-Run (one GPU, about 8 minutes on an H200; the stages can also run one at a time):
-    python benchmarks/fashion_experiment.py --data-root /usr/share/datasets/fashion-mnist \\
-        --vae ../shared/weights/taef2 --out runs/fashion prepare train eval report
+Run (2 CPU cores: the command of docs/fashion_mnist.md, about 65 minutes; one GPU: 15 minutes):
+    python benchmarks/fashion_experiment.py --device cpu --max-train-images 10000 --seeds 0 1 2 \
+        --configs condot batchot class class-ot class-spread --num-images 1000 --budget-minutes 62 \
+        --parallel 2 --out runs/fashion-experiment --docs docs/fashion-recipe
+    python benchmarks/fashion_experiment.py --seeds 0 1 2 --budget-minutes 15     # one GPU
     python benchmarks/fashion_experiment.py --smoke       # a tiny budget on a CPU, under a temporary folder
 """
 import argparse
@@ -343,9 +347,15 @@ def write_smoke_inputs(folder):
     return data, vae
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: an option whose default is None says in its own help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("stages", nargs="*",
                         help="what to run, in order: prepare, train, eval, report (default: all)")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",

@@ -643,8 +643,9 @@ def test_a_damaged_latent_cache_is_refused_in_one_line(fashion, tmp_path, damage
 
 
 def test_an_interrupted_encode_resumes_from_its_last_complete_shard(fashion, tmp_path, monkeypatch):
-    """Shards of 8 images: the 30 images make 4; with two of them and no index (a run killed while
-    encoding), the next run encodes only the two missing shards and ends with the same cache."""
+    """Shards of 8 images: the 30 images make 4; with two of them, no index and a cut-off write (a run
+    killed while encoding), the next run encodes only the two missing shards and ends with the same
+    cache, the cut-off file removed."""
     _, options = fashion
     monkeypatch.setattr(flow, "SHARD_IMAGES", 8)
     options = [str(option) for option in options]
@@ -655,6 +656,7 @@ def test_an_interrupted_encode_resumes_from_its_last_complete_shard(fashion, tmp
     for name in ("info.json", "shard_00001.npz", "shard_00003.npz"):
         os.remove(tmp_path / "cache" / name)
     (tmp_path / "cache" / "shard_00002.npz").touch()  # mtime: a kept shard is not written again
+    (tmp_path / "cache" / "shard_00003.npz.4242.tmp").write_bytes(b"PK")  # killed while writing shard 3
     kept = os.stat(tmp_path / "cache" / "shard_00002.npz").st_mtime_ns
     encoded = []
     encode = flow.Autoencoder.encode
