@@ -106,7 +106,7 @@ def config_of(run):
 
 def train_options(args, run, steps=None):
     steps = steps or args.steps
-    budget = ["--steps", steps, "--ckpt-every", max(1, steps // 4), "--sample-every", steps,
+    budget = ["--steps", steps, "--ckpt-every", -(-steps // 4), "--sample-every", steps,  # 3 before the last
               "--log-every", max(1, steps // 40)]
     model = ["--model", args.model] if args.model else []  # default: train_class.py's Fashion-MNIST recipe
     return [str(option) for option in [
