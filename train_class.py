@@ -888,7 +888,8 @@ def check_args(parser, args):
         parser.error(f"--data {args.data} needs --data-root pointing to the data (got {args.data_root!r})")
     args.image_size = args.image_size or NATURAL_SIZE[args.data]
     args.model = args.model or DEFAULT_MODEL.get(args.data, "tiny")
-    args.patch_size = args.patch_size or MODELS[args.model].get("patch", 2)
+    if args.patch_size is None:  # not `or`: --patch-size 0 must reach its check below
+        args.patch_size = MODELS[args.model].get("patch", 2)
     if args.mirror is None:  # 99% of Fashion-MNIST's sneakers and ankle boots face left: no mirror images
         args.mirror = args.data in ("imagenet64", "image-folder")
     if os.path.isdir(args.vae):  # recorded in the checkpoint: absolute, so sample.py finds it from anywhere
