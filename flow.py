@@ -295,6 +295,20 @@ def straightness(trajectory):
 # ----------------------------------------------------------------------------------------------
 # Training utilities shared by train_class.py and train_text.py.
 
+# The DiT presets of both trainers (train_text.py adds cross-attention to the same blocks), so a name means
+# the same network everywhere: width, depth, heads, and the patch used unless --patch-size says otherwise.
+DIT_PRESETS = {
+    "tiny": {"width": 64, "depth": 4, "heads": 4, "patch": 2},  # built-in 8x8 digits on a CPU, the tests
+    "mini": {"width": 128, "depth": 4, "heads": 4, "patch": 2},  # built-in 32x32 shapes on a CPU
+    "small": {"width": 256, "depth": 6, "heads": 4, "patch": 2},
+    # Fashion-MNIST's 32x8x8 TAEF2 latents on a CPU: one 2048-value token, the best FD-EffNet per CPU-minute
+    # of a measured sweep of patch, width and depth (docs/fashion_mnist.md, "The CPU recipe")
+    "small-p8": {"width": 256, "depth": 6, "heads": 4, "patch": 8},
+    "S": {"width": 384, "depth": 12, "heads": 6, "patch": 2},  # DiT-S/2, B/2, L/2
+    "B": {"width": 768, "depth": 12, "heads": 12, "patch": 2},
+    "L": {"width": 1024, "depth": 24, "heads": 16, "patch": 2},
+}
+
 
 def draw_examples(seed, step, batch, shape, schedule="uniform", uniforms=1):
     """The randomness of global batch `step`: per example, prior noise (batch, *shape) ~ N(0, I), time t

@@ -386,17 +386,7 @@ class TrainingBatches(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
 
-MODELS = {  # name: width, depth, heads, patch (S, B, L: DiT-S/2, B/2, L/2)
-    "tiny": {"width": 64, "depth": 4, "heads": 4, "patch": 2},  # built-in 8x8 digits on a CPU
-    "mini": {"width": 128, "depth": 4, "heads": 4, "patch": 2},
-    "small": {"width": 256, "depth": 6, "heads": 4, "patch": 2},
-    # Fashion-MNIST's 32x8x8 TAEF2 latents on a CPU: one 2048-value token, the best FD-EffNet per CPU-minute
-    # of a measured sweep of patch, width and depth (docs/fashion_mnist.md, "The CPU recipe")
-    "small-p8": {"width": 256, "depth": 6, "heads": 4, "patch": 8},
-    "S": {"width": 384, "depth": 12, "heads": 6, "patch": 2},
-    "B": {"width": 768, "depth": 12, "heads": 12, "patch": 2},
-    "L": {"width": 1024, "depth": 24, "heads": 16, "patch": 2},
-}
+MODELS = flow.DIT_PRESETS  # tiny, mini, small, small-p8, S, B, L: width, depth, heads, patch
 DEFAULT_MODEL = {"fashion-mnist": "small-p8"}  # the others: tiny
 
 
@@ -889,7 +879,7 @@ def check_args(parser, args):
     args.image_size = args.image_size or NATURAL_SIZE[args.data]
     args.model = args.model or DEFAULT_MODEL.get(args.data, "tiny")
     if args.patch_size is None:  # not `or`: --patch-size 0 must reach its check below
-        args.patch_size = MODELS[args.model].get("patch", 2)
+        args.patch_size = MODELS[args.model]["patch"]
     if args.mirror is None:  # 99% of Fashion-MNIST's sneakers and ankle boots face left: no mirror images
         args.mirror = args.data in ("imagenet64", "image-folder")
     if os.path.isdir(args.vae):  # recorded in the checkpoint: absolute, so sample.py finds it from anywhere

@@ -62,7 +62,7 @@ def finished_rows(args):
 
 def train_options(args, name, config, steps, out):
     config = {**BASE, **config}
-    train_class.MODELS[name] = {key: config[key] for key in ("width", "depth", "heads")}
+    train_class.MODELS[name] = {key: config[key] for key in ("width", "depth", "heads", "patch")}
     cache = os.path.join(args.out, "latents-mirror" if config["mirror"] else "latents")
     return [str(option) for option in [
         "--data", "fashion-mnist", "--data-root", args.data_root, "--vae", args.vae, "--latent-cache", cache,
