@@ -7,7 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["sample.py", "fid.py", "toy_2d.py", "train_text.py", "benchmarks/caption_judge.py",
+SCRIPTS = ["sample.py", "fid.py", "toy_2d.py", "train_text.py", "benchmarks/captioned_fashion.py",
+           "benchmarks/caption_judge.py",
            "benchmarks/fid_benchmark.py", "benchmarks/text_fashion_experiment.py",
            "benchmarks/train_class_quality.py", "benchmarks/train_class_throughput.py",
            "benchmarks/train_text_eval.py", "benchmarks/train_text_speed.py"]
