@@ -1,4 +1,4 @@
-"""A caption judge with ground truth for captioned Fashion-MNIST (train_text.py --data fashion-captions):
+"""A caption judge with ground truth for captioned Fashion-MNIST (benchmarks/captioned_fashion.py):
 the offline stand-in for a CLIP score. It reads what an image shows and checks it against the caption.
 
 An image (64x64 RGB, uint8 or in [-1, 1]; other square sizes are scaled) is read by measurement:
@@ -23,12 +23,15 @@ API:
     judge = CaptionJudge.load_or_train("runs/judge/classifier.pt", "/usr/share/datasets/fashion-mnist")
     judgement = judge(images)        # {"label", "size", "tone", "extent", "brightness"}: arrays (N,)
     score(judgement, captions)       # {"item", "size", "tone", "all", "count"}; captions: text or Caption
+    images, captions = split_canvases("runs/captioned-fashion", "val")  # a split's real canvases
 The classifier is trained once (2 epochs: 90% on the test items, minutes on 2 CPU cores) and cached
 at the path given.
 
-Run (the judge on the real canvases of every split and on their TAEF2 reconstructions):
+Run (the judge on the real canvases of every split and on their TAEF2 reconstructions; the canvases are
+read from --captioned, a folder written by benchmarks/captioned_fashion.py, whose missing eval splits are
+written there first):
     python benchmarks/caption_judge.py --data-root /usr/share/datasets/fashion-mnist \\
-        --vae ../shared/weights/taef2 --out runs/judge
+        --vae ../shared/weights/taef2 --captioned runs/captioned-fashion --out runs/judge
     python benchmarks/caption_judge.py --smoke     # tiny budget, random TAEF2, under a temporary folder
 Writes OUT/classifier.pt, OUT/judge_accuracy.json (every number) and OUT/judge_accuracy.md.
 """
@@ -47,8 +50,10 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import captioned_fashion
+
 import flow
-import train_text
 
 FLOOR = 0.05  # grey level above which a pixel belongs to the item (real backgrounds are 0)
 TONE_QUANTILE, TONE_SPLIT = 0.995, 0.6
@@ -57,7 +62,7 @@ TRIM = 0.005
 SIZE_SPLIT = 36  # px of a 64-px canvas
 CROP = 28
 JUDGE_VERSION = 1  # bump when the pipeline or the network changes: cached classifiers are refused
-EVAL_SPLITS = [name for name in train_text.FASHION_SPLITS if name != "train"]
+EVAL_SPLITS = [name for name in captioned_fashion.SPLITS if name != "train"]
 ATTRIBUTES = ("item", "size", "tone")
 
 # ----------------------------------------------------------------------------------------------
@@ -128,12 +133,12 @@ def classifier():
 
 
 def render_items(items, rng, image_size=64):
-    """Items (N, 28, 28) uint8 on canvases as train_text draws them, each with a random size and
+    """Items (N, 28, 28) uint8 on canvases as captioned_fashion draws them, each with a random size and
     tone: float (N, 3, H, W) in [-1, 1]."""
-    sizes = rng.choice(list(train_text.ITEM_SIDE), len(items))
-    tones = rng.choice(list(train_text.TONE_GAIN), len(items))
-    canvases = train_text.FashionCanvases(items, *train_text.draw_attributes(sizes, tones, image_size, rng),
-                                          image_size)
+    sizes = rng.choice(list(captioned_fashion.ITEM_SIDE), len(items))
+    tones = rng.choice(list(captioned_fashion.TONE_GAIN), len(items))
+    attributes = captioned_fashion.draw_attributes(sizes, tones, image_size, rng)
+    canvases = captioned_fashion.FashionCanvases(items, *attributes, image_size)
     return torch.stack([canvases[i] for i in range(len(canvases))])
 
 
@@ -239,14 +244,14 @@ class CaptionJudge:
                 "extent": extent.numpy(), "brightness": brightness.numpy()}
 
 
-CAPTIONS = {caption.text: caption for caption in train_text.fashion_captions()}
+CAPTIONS = {caption.text: caption for caption in captioned_fashion.fashion_captions()}
 
 
 def ground_truth(captions):
-    """Caption texts (or Captions) -> Captions, looked up in train_text.fashion_captions()."""
+    """Caption texts (or Captions) -> Captions, looked up in captioned_fashion.fashion_captions()."""
     unknown = [c for c in captions if isinstance(c, str) and c not in CAPTIONS]
     if unknown:
-        raise SystemExit(f"error: {len(unknown)} captions are not fashion-captions captions, "
+        raise SystemExit(f"error: {len(unknown)} captions are not captioned-Fashion captions, "
                          f"e.g. {unknown[0]!r}")
     return [CAPTIONS[c] if isinstance(c, str) else c for c in captions]
 
@@ -277,11 +282,12 @@ def concatenate(judgements):
 # The judge on real canvases and on their autoencoder reconstructions.
 
 
-def split_canvases(data_root, name, limit=None, image_size=64):
-    """Real canvases of a split (float (N, 3, H, W) in [-1, 1]) and the caption text of each."""
-    canvases, texts, image_of_pair = train_text.fashion_split(data_root, name, image_size)
-    count = min(len(canvases), limit or len(canvases))
-    return torch.stack([canvases[int(i)] for i in image_of_pair[:count]]), texts[:count]
+def split_canvases(folder, name, limit=None):
+    """Real canvases of a split of a captioned_fashion.py folder, one per caption (the first `limit`),
+    float (N, 3, H, W) in [-1, 1], and the Caption of each."""
+    images, captions, image_of_caption = captioned_fashion.read_split(folder, name, limit)
+    pixels = torch.from_numpy(images[image_of_caption]).permute(0, 3, 1, 2)
+    return pixels.float() / 127.5 - 1, captions
 
 
 @torch.no_grad()
@@ -291,11 +297,12 @@ def reconstruct(autoencoder, images, batch=100, progress=False):
     return torch.cat([autoencoder.decode(autoencoder.encode(images[k: k + batch])) for k in starts])
 
 
-def judge_splits(judge, autoencoder, data_root, limit=None, progress=True):
-    """{"real" | "autoencoder": {split | "heldout": score}} and seconds per image of each step."""
+def judge_splits(judge, autoencoder, folder, limit=None, progress=True):
+    """{"real" | "autoencoder": {split | "heldout": score}} and seconds per image of each step, on the
+    splits of a captioned_fashion.py folder."""
     results, judged, seconds = {"real": {}, "autoencoder": {}}, {"real": [], "autoencoder": []}, {}
     for name in EVAL_SPLITS:
-        images, texts = split_canvases(data_root, name, limit)
+        images, texts = split_canvases(folder, name, limit)
         start = time.perf_counter()
         rows = {"real": images, "autoencoder": reconstruct(autoencoder, images, progress=progress)}
         seconds["autoencoder_per_image"] = (time.perf_counter() - start) / len(images)
@@ -324,7 +331,8 @@ def main(args):
     judge = CaptionJudge.load_or_train(args.weights, args.data_root, args.train_images, args.epochs,
                                        args.test_images, progress=not args.quiet)
     autoencoder = flow.load_autoencoder(args.vae)
-    results, seconds = judge_splits(judge, autoencoder, args.data_root, args.max_images, not args.quiet)
+    captioned_fashion.write_missing(args.data_root, args.captioned, EVAL_SPLITS, progress=not args.quiet)
+    results, seconds = judge_splits(judge, autoencoder, args.captioned, args.max_images, not args.quiet)
     summary = {"classifier": judge.info, **results, "seconds": seconds, "threads": torch.get_num_threads(),
                "thresholds": {"floor": FLOOR, "tone_quantile": TONE_QUANTILE, "tone_split": TONE_SPLIT,
                               "box_fraction": BOX_FRACTION, "trim": TRIM, "size_split": SIZE_SPLIT}}
@@ -352,6 +360,9 @@ def parse_args(argv=None):
                         help="Fashion-MNIST idx files")
     parser.add_argument("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"),
                         help="TAEF2 folder, for the autoencoder row")
+    parser.add_argument("--captioned", default=None,
+                        help="the canvases: a folder written by benchmarks/captioned_fashion.py (64 px), "
+                             "its missing eval splits written there first (default: OUT/captioned-fashion)")
     parser.add_argument("--out", default="runs/judge", help="output folder")
     parser.add_argument("--weights", default=None, help="classifier cache (default: OUT/classifier.pt)")
     parser.add_argument("--train-images", type=int, default=None, help="first N train items (all 60k)")
@@ -372,6 +383,7 @@ def parse_args(argv=None):
         write_taef2(args.vae)
         args.train_images, args.test_images, args.epochs, args.max_images, args.quiet = 500, 500, 1, 16, True
     args.weights = args.weights or os.path.join(args.out, "classifier.pt")
+    args.captioned = args.captioned or os.path.join(args.out, "captioned-fashion")
     missing = [f for pair in flow.FASHION_FILES.values() for f in pair
                if not os.path.isfile(os.path.join(args.data_root, f))]
     if missing:

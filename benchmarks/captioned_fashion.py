@@ -22,7 +22,7 @@ last (atomically): a split whose annotation file exists is complete.
 
 Run:
     python benchmarks/captioned_fashion.py --data-root /usr/share/datasets/fashion-mnist \\
-        --out runs/captioned-fashion                     # 62k PNGs, about a minute on 2 cores
+        --out runs/captioned-fashion      # 62k PNGs (260 MB), 100 s on 2 shared cores
     python train_text.py --data coco --data-root runs/captioned-fashion --coco-split train \\
         --coco-val-split val --vae TAEF2_DIR --text-encoder MINILM_DIR --out runs/text-fashion
     python benchmarks/captioned_fashion.py --smoke       # tiny fake Fashion-MNIST, under a temporary folder

@@ -1,4 +1,4 @@
-"""Tests of benchmarks/caption_judge.py: size and tone read off canvases drawn by train_text with
+"""Tests of benchmarks/caption_judge.py: size and tone read off canvases drawn by captioned_fashion with
 known attributes, the score on a hand-made example, and the classifier's train-cache-reload path on
 a tiny fake Fashion-MNIST."""
 import os
@@ -9,11 +9,10 @@ import pytest
 import torch
 from fakes import write_fashion
 
-import train_text
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import caption_judge
+import captioned_fashion
 
 
 def fake_items(count, seed=0):
@@ -31,8 +30,8 @@ def fake_items(count, seed=0):
 
 def canvases(sizes, tones, seed=0):
     rng = np.random.RandomState(seed)
-    attributes = train_text.draw_attributes(sizes, tones, 64, rng)
-    dataset = train_text.FashionCanvases(fake_items(len(sizes), seed), *attributes, 64)
+    attributes = captioned_fashion.draw_attributes(sizes, tones, 64, rng)
+    dataset = captioned_fashion.FashionCanvases(fake_items(len(sizes), seed), *attributes, 64)
     return torch.stack([dataset[i] for i in range(len(dataset))])
 
 
@@ -41,7 +40,8 @@ def untrained_judge():
 
 
 def test_size_and_tone_of_drawn_canvases_match_their_attributes():
-    combinations = [(size, tone) for size in train_text.ITEM_SIDE for tone in train_text.TONE_GAIN] * 10
+    combinations = [(size, tone) for size in captioned_fashion.ITEM_SIDE
+                    for tone in captioned_fashion.TONE_GAIN] * 10
     sizes, tones = zip(*combinations)
     images = canvases(sizes, tones)
     judgement = untrained_judge()(images)
@@ -71,7 +71,7 @@ def test_black_image_and_bad_shapes():
 
 def test_score_on_a_hand_made_example():
     first = {}
-    for caption in train_text.fashion_captions():
+    for caption in captioned_fashion.fashion_captions():
         first.setdefault((caption.label, caption.size, caption.tone), caption)
     truth = [first[0, "small", "dark"], first[3, "large", "light"], first[9, "large", "dark"],
              first[5, "small", "light"]]
@@ -81,7 +81,7 @@ def test_score_on_a_hand_made_example():
     expected = {"item": 0.75, "size": 0.75, "tone": 0.75, "all": 0.25, "count": 4}
     assert caption_judge.score(judgement, truth) == expected
     assert caption_judge.score(judgement, [c.text for c in truth]) == expected  # texts are looked up
-    with pytest.raises(SystemExit, match="not fashion-captions captions"):
+    with pytest.raises(SystemExit, match="not captioned-Fashion captions"):
         caption_judge.score(judgement, ["a small dark hat"] * 4)
     with pytest.raises(SystemExit, match="4 judged images but 3 captions"):
         caption_judge.score(judgement, truth[:3])
@@ -114,3 +114,14 @@ def test_classifier_trains_caches_and_reloads(tmp_path):
         file.write("not a checkpoint")
     with pytest.raises(SystemExit, match="cannot be read as a checkpoint"):
         caption_judge.CaptionJudge.load_or_train(path, root)
+
+
+def test_split_canvases_are_the_folders_images_one_per_caption(tmp_path):
+    root, folder = str(tmp_path / "fashion"), str(tmp_path / "captioned")
+    write_fashion(root, train=10, test=50)
+    captioned_fashion.write_missing(root, folder, ["val"], progress=False)
+    images, captions = caption_judge.split_canvases(folder, "val", limit=7)
+    assert images.shape == (7, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert caption_judge.score(untrained_judge()(images), captions)["count"] == 7
+    pixels = captioned_fashion.read_split(folder, "val", limit=7)[0]
+    assert torch.equal(((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1), torch.from_numpy(pixels))
