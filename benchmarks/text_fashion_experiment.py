@@ -2,10 +2,12 @@
 N(0, I) (CondOT), each with and without minibatch OT, conditioned on a real sentence encoder
 (all-MiniLM-L6-v2) and, as a second table, on the built-in word encoder that knows no synonyms.
 
-Every run is train_text.py --data fashion-captions with one model and budget in the TAEF2 latent
-space (one latent cache for all runs, one text cache per encoder), and every image is read by the
-caption judge of benchmarks/caption_judge.py. Stages:
-    train    the caches (built once, here), then the 8 runs (--parallel at once)
+The data are captioned Fashion-MNIST canvases in MS-COCO's layout, written once into OUT/captioned-fashion
+by benchmarks/captioned_fashion.py. Every run is train_text.py --data coco on that folder (split train,
+validation split val) with one model and budget in the TAEF2 latent space (one latent cache for all
+runs, one text cache per encoder), and every image is read by the caption judge of
+benchmarks/caption_judge.py. Stages:
+    train    the data folder and the caches (built once, here), then the 8 runs (--parallel at once)
     eval     the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
              split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
              --images-per-prompt images per caption; the judge's per-attribute and all-correct
@@ -46,6 +48,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import captioned_fashion
 from fashion_experiment import python, run_all, run_stages, save_json  # the same runner
 
 import flow
@@ -88,18 +91,30 @@ def encoder_option(args, encoder):
     return "builtin" if encoder == "builtin" else args.text_encoder
 
 
+def captioned_folder(args):
+    return os.path.join(args.out, "captioned-fashion")
+
+
+def captioned_data(args):
+    """OUT/captioned-fashion: the splits of benchmarks/captioned_fashion.py, written there once."""
+    folder = captioned_folder(args)
+    captioned_fashion.write_missing(args.data_root, folder, image_size=args.image_size,
+                                    max_train_images=args.max_train_images, progress=not args.quiet)
+    return folder
+
+
 def train_options(args, config, encoder):
     budget = ["--steps", args.steps, "--mapper-steps", args.mapper_steps, "--ckpt-every", args.steps,
               "--sample-every", args.steps, "--log-every", max(1, args.steps // 40),
               "--warmup-steps", max(1, min(100, args.steps // 10))]
     return [str(option) for option in [
-        "--data", "fashion-captions", "--data-root", args.data_root, "--vae", args.vae,
-        "--latent-cache", os.path.join(args.out, "latents"), "--workers", 0,  # canvases render in 0.1 ms
+        "--data", "coco", "--data-root", captioned_folder(args), "--coco-split", "train",
+        "--coco-val-split", "val", "--vae", args.vae,
+        "--latent-cache", os.path.join(args.out, "latents"), "--workers", 0,  # PNGs are read once, cached
         "--text-encoder", encoder_option(args, encoder),
         "--image-size", args.image_size, "--model", args.model, "--global-batch", args.global_batch,
-        "--lr", args.lr, *(["--max-train-images", args.max_train_images] if args.max_train_images else []),
-        *budget, "--quiet", "--out", os.path.join(args.out, "runs", run_name(config, encoder)),
-        *CONFIGS[config]]]
+        "--lr", args.lr, *budget, "--quiet",
+        "--out", os.path.join(args.out, "runs", run_name(config, encoder)), *CONFIGS[config]]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +128,7 @@ def build_caches(args):
 
     import train_text
 
+    captioned_data(args)
     for encoder in args.encoders:
         options = train_text.parse_args(train_options(args, "text", encoder))
         train_text.load_data(options, 0, 1, torch.device(args.device))
@@ -135,11 +151,10 @@ def train(args):
 def write_prompts(args):
     """--prompts distinct captions of each eval split, drawn with a fixed seed, one file for all
     (so one sample.py call per run); returns (prompts, split of each)."""
-    import train_text
-
+    folder = captioned_data(args)
     prompts, split_of = [], []
     for k, name in enumerate(SPLITS):
-        texts = sorted(set(train_text.fashion_split(args.data_root, name, args.image_size)[1]))
+        texts = sorted({caption.text for caption in captioned_fashion.read_annotations(folder, name)[2]})
         picked = np.random.default_rng(k).permutation(len(texts))[:args.prompts]
         prompts += [texts[i] for i in sorted(picked)]
         split_of += [name] * len(picked)
@@ -222,8 +237,7 @@ class Evaluator:
         their captions): the images of the real and autoencoder rows."""
         import sample
 
-        images, texts = self.caption_judge.split_canvases(self.args.data_root, name,
-                                                          image_size=self.args.image_size)
+        images, texts = self.caption_judge.split_canvases(captioned_data(self.args), name)
         self.reference[name] = sample.to_uint8(images[0::2][:self.args.reference_images])
         count = self.args.prompts * self.args.images_per_prompt
         self.real[name] = images[1::2][:count], texts[1::2][:count]
@@ -325,10 +339,8 @@ def evaluate(args):
 
 def paraphrase(caption):
     """A held-out-word Caption's text with its class's first (seen) word instead."""
-    import train_text
-
-    words = train_text.ITEM_WORDS[caption.label]
-    return train_text.with_articles(re.sub(rf"\b{re.escape(words[2])}\b", words[0], caption.text))
+    words = captioned_fashion.ITEM_WORDS[caption.label]
+    return captioned_fashion.with_articles(re.sub(rf"\b{re.escape(words[2])}\b", words[0], caption.text))
 
 
 def swap(args):
@@ -340,7 +352,7 @@ def swap(args):
 
     import train_text
 
-    truth = {c.text: c for c in train_text.fashion_captions()}
+    truth = {c.text: c for c in captioned_fashion.fashion_captions()}
     with open(prompt_file(args)) as file:
         held = [p for p in file.read().splitlines() if truth[p].held_out == "word"] * args.images_per_prompt
     captions = {"caption": held, "paraphrase": [paraphrase(truth[p]) for p in held]}
@@ -405,14 +417,18 @@ def labelled_pairs(args, encoder):
 
     import train_text
 
-    options = train_text.parse_args(train_options(args, "text", encoder))
-    splits, _ = train_text.load_data(options, 0, 1, torch.device("cpu"))
-    truth = {c.text: c for c in train_text.fashion_captions()}
+    captioned_data(args)
+    splits = {}
+    for name in SPLITS:  # each eval split as the runs' validation split: normalised as they were
+        options = train_text.parse_args([*train_options(args, "text", encoder), "--coco-val-split", name])
+        loaded, _ = train_text.load_data(options, 0, 1, torch.device("cpu"))
+        splits.update({"train": loaded["train"], name: loaded["val"]})
+    truth = {c.text: c for c in captioned_fashion.fashion_captions()}
     pairs = {}
     for name, split in splits.items():
         texts = split.texts(np.arange(len(split)))
-        combination = [4 * truth[t].label + 2 * list(train_text.SIZE_WORDS).index(truth[t].size)
-                       + list(train_text.TONE_WORDS).index(truth[t].tone) for t in texts]
+        combination = [4 * truth[t].label + 2 * list(captioned_fashion.SIZE_WORDS).index(truth[t].size)
+                       + list(captioned_fashion.TONE_WORDS).index(truth[t].tone) for t in texts]
         pairs[name] = (torch.from_numpy(np.asarray(split.images, np.float32)[split.image_of_pair]),
                        torch.from_numpy(np.asarray(split.pooled, np.float32)[split.caption_of_pair]),
                        np.array(combination))
@@ -496,15 +512,13 @@ def held_out_words(pairs, scores, mappers, encoder):
     (first text-prior run), and the share whose nearest training caption (cosine) has its class."""
     import torch
 
-    import train_text
-
     _, train_pooled, train_combination = pairs["train"]
     _, pooled, combination = pairs["heldout-word"]
     similarity = torch.nn.functional.normalize(pooled) @ torch.nn.functional.normalize(train_pooled).T
     nearest_caption_class = train_combination[similarity.argmax(1).numpy()] // 4
     first = next((name for name in mappers if not name.startswith("sweep")), None)
     words = {}
-    for label, item_words in enumerate(train_text.ITEM_WORDS):
+    for label, item_words in enumerate(captioned_fashion.ITEM_WORDS):
         mine = combination // 4 == label
         landed = scores[first]["heldout-word"]["nearest_class"][mine] if first else np.array([], int)
         counts = np.bincount(landed, minlength=10)
@@ -512,7 +526,7 @@ def held_out_words(pairs, scores, mappers, encoder):
         words[item_words[2]] = {
             "class": item_words[0], "pairs": int(mine.sum()),
             "centre_on_class": float(np.mean(landed == label)) if len(landed) else None,
-            "centre_lands_on": [train_text.ITEM_WORDS[k][0] for k in top], "run": first,
+            "centre_lands_on": [captioned_fashion.ITEM_WORDS[k][0] for k in top], "run": first,
             "nearest_caption_on_class": float(np.mean(nearest_caption_class[mine] == label))}
     return words
 
@@ -719,8 +733,9 @@ def parse_args(argv=None):
     add("--mapper-steps", type=int, default=1000, help="mapper steps of the text-prior runs")
     add("--global-batch", type=int, default=256, help="images per optimizer step")
     add("--lr", type=float, default=3e-4, help="learning rate")
-    add("--max-train-images", type=int, default=None, help="first N training images (all 60k)")
-    add("--image-size", type=int, default=64, help="canvas side in pixels")
+    add("--max-train-images", type=int, default=None,
+        help="first N train items in the data folder (default: all 60k)")
+    add("--image-size", type=int, default=64, help="canvas side in pixels of the data folder")
     add("--nfe", type=int, nargs="+", default=list(NFE), help="Euler NFEs of the evaluation")
     add("--prompts", type=int, default=100, help="distinct captions per eval split")
     add("--images-per-prompt", type=int, default=2, help="images per caption at every NFE")
