@@ -60,11 +60,282 @@ CONFIG_KEYS = ("data", "max_train_images", "image_size", "vae", "model", "patch_
                "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "precision", "seed")
 
 # ----------------------------------------------------------------------------------------------
+# The method: the prior, the training pairs, the loss. The training loop (main) reads them by name:
+# x0, x1, t, labels = training_pairs(step, ...) (made a few steps ahead by DataLoader workers), then
+# backward_loss, optimizer_step and the EMA.
+
+
+def build_prior(args, config):
+    if args.prior == "gaussian":
+        return flow.GaussianPrior(config["latent_shape"])
+    return flow.ClassPrior(config["num_classes"], config["latent_shape"], sigma=args.prior_sigma,
+                           spread=args.prior_spread)
+
+
+@torch.no_grad()
+def fit_class_prior(prior, x, y, rank, world_size, device, chunk=4096):
+    """m(c) = mean of the training latents of class c: one streamed pass, each rank over its
+    share of the data, all-reduced inside finalize() so every rank ends with the same means."""
+    mine = torch.arange(rank, len(x), world_size)
+    for index in mine.split(chunk):
+        prior.accumulate(to_model_space(x[index]).to(device), y[index].to(device))
+    try:
+        return prior.finalize()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def training_pairs(step, x1, y, prior, num_classes, args):
+    """Global batch `step` ready to train on: (x0, x1, t, labels), a pure function of (seed, step).
+
+    x0 ~ the prior of each example's class (from its own noise, flow.draw_examples), paired with the data
+    x1 as drawn or by minibatch OT; t ~ --time-schedule. Classifier-free guidance: each label is dropped
+    to the null class (num_classes) with probability --cfg-dropout. A dropped sample's x0 comes from the
+    prior of a random class drawn by class frequency (--cfg-null-prior mixture: the marginal prior, so
+    v_null is the unconditional flow) or from its own class prior (own). With `own` the null branch can
+    read the class off where x_t lies, so v_null ~ v_c and guidance has little to amplify: on the digits
+    guidance then barely changes the samples, while with `mixture` it improves FD at NFE 4
+    (docs/train_class.md)."""
+    noise, t, uniforms = flow.draw_examples(args.seed, step, len(x1), x1.shape[1:], args.time_schedule,
+                                            uniforms=2)  # per example: dropout, and the dropped one's class
+    dropped = uniforms[:, 0] < args.cfg_dropout
+    prior_labels = y
+    if args.prior == "class" and args.cfg_null_prior == "mixture" and args.cfg_dropout > 0:
+        # A class drawn by frequency: the uniform inverted through the cumulative class frequencies.
+        frequencies = prior.counts.cpu().cumsum(0) / prior.counts.sum().cpu()
+        random_classes = torch.searchsorted(frequencies, uniforms[:, 1].double(), right=True)
+        prior_labels = torch.where(dropped, random_classes.clamp_max(num_classes - 1), y)
+    x0 = prior.sample(prior_labels, noise)
+    # With the class prior each x0 belongs to its class: OT may only re-pair within a class.
+    x0 = flow.couple(x0, x1, args.coupling, groups=prior_labels if args.prior == "class" else None)
+    labels = torch.where(dropped, torch.full_like(y, num_classes), y)
+    return x0, x1, t, labels
+
+
+def autocast(args, device):
+    """bf16 autocast on CUDA with --precision bf16; CPUs run float32."""
+    if device.type == "cuda" and args.precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def backward_loss(forward, x0, x1, t, labels, args, world_size, device):
+    """Gradients of the flow matching loss E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2 with
+    x_t = (1 - t) x0 + t x1, over this process's share of the batch, in micro-batches of at most
+    --max-batch-per-gpu; returns the loss and the transport cost ||x1 - x0||^2 of the share."""
+    micro_batches = list(zip(*(part.split(args.max_batch_per_gpu) for part in (x0, x1, t, labels))))
+    total_loss = total_cost = 0.0
+    for i, micro in enumerate(micro_batches):
+        mx0, mx1, mt, mlabels = (part.to(device, non_blocking=True) for part in micro)
+        # DDP all-reduces gradients only on the last micro-batch.
+        sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
+        with sync:
+            with autocast(args, device):
+                loss = flow.flow_matching_loss(forward, mx0, mx1, mlabels, t=mt)
+            (loss * len(mx1) / len(x1)).backward()  # the mean over this process's whole share
+        total_loss += loss.item() * len(mx1) / len(x1)
+        total_cost += flow.transport_cost(mx0, mx1) * len(mx1) / len(x1)
+    return total_loss, total_cost
+
+
+def optimizer_step(step, loss, model, optimizer, args):
+    """Warm-up learning rate, gradient clipping (before the step), AdamW; returns the gradient norm. A
+    non-finite loss stops the run before the step, so the last checkpoint is a good one."""
+    for group in optimizer.param_groups:
+        group["lr"] = flow.warmup_lr(args.lr, step, args.warmup_steps)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise SystemExit(f"error: non-finite loss {loss} or gradient norm at step {step + 1}; nothing "
+                         f"saved for this step, the last checkpoint in {args.out}/checkpoints is intact")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def ema_decay(step, args):
+    """--ema-decay, warmed up as (1 + step) / (10 + step): without it the EMA of a short run is
+    mostly the zero-initialised network (0.999^1000 = 37% of it after 1000 steps)."""
+    return min(args.ema_decay, (1 + step) / (10 + step))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
+
+
+MODELS = flow.DIT_PRESETS  # tiny, mini, small, small-p8, S, B, L: width, depth, heads, patch
+
+
+DEFAULT_MODEL = {"fashion-mnist": "small-p8"}  # the others: tiny
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def time_embedding(t, dim, max_period=10_000):
+    """Sinusoidal features of t in [0, 1], scaled by 1000 so the frequencies match DiT's steps."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000 * t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention and MLP, each modulated and gated by the conditioning (adaLN-zero)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def attention(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """v_theta(x_t, t, y): x_t (B, C, H, W), t (B,) in [0, 1], y (B,) labels; y = num_classes is the
+    null label of classifier-free guidance."""
+
+    def __init__(self, latent_shape, num_classes, width, depth, heads, patch):
+        super().__init__()
+        channels, height, width_pixels = latent_shape
+        if height % patch or width_pixels % patch:
+            raise SystemExit(f"error: latents of size {height}x{width_pixels} cannot be cut into "
+                             f"{patch}x{patch} patches")
+        self.patch, self.grid = patch, (height // patch, width_pixels // patch)
+        self.embed_patches = nn.Linear(patch * patch * channels, width)
+        self.position = nn.Parameter(0.02 * torch.randn(1, self.grid[0] * self.grid[1], width))
+        self.embed_time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.embed_class = nn.Embedding(num_classes + 1, width)  # + 1: the null class
+        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, patch * patch * channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed_class.weight, std=0.02)
+        for layer in self.embed_time:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-zero: every block's gates and the output layer start at zero, so the network starts
+        # as the identity on the residual stream and predicts v = 0.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.adaLN_out[-1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        h, w = self.grid
+        tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch, q=self.patch)
+        tokens = self.embed_patches(tokens) + self.position  # (B, N, D)
+        c = self.embed_time(time_embedding(t, 256)) + self.embed_class(y)  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
+        tokens = self.out(modulate(self.norm_out(tokens), shift, scale))
+        return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)
+
+
+def build_model(args, config):
+    preset = {**MODELS[args.model], "patch": args.patch_size}  # --patch-size, else the preset's
+    return DiT(tuple(config["latent_shape"]), config["num_classes"], **preset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def main(args):
+    rank, world_size, device = flow.setup_distributed()
+    if args.global_batch % world_size:
+        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
+                         f"{world_size} processes")
+    latest, checkpoint = checkpoint_to_resume(args, rank)  # before any data is read
+    if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    x, y, num_classes, normalisation = load_data(args, rank, world_size, device)
+    if len(y) == 0 or y.min() < 0 or y.max() >= num_classes:
+        raise SystemExit(f"error: labels must lie in [0, {num_classes}) and data must not be empty")
+    config = {"num_classes": num_classes, "latent_shape": list(x.shape[1:]), **normalisation}
+
+    prior = build_prior(args, config).to(device)
+    if args.prior == "class":
+        fit_class_prior(prior, x, y, rank, world_size, device)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args, config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step = resume(latest, checkpoint, args, config, model, ema, optimizer) if checkpoint else 0
+    forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    forward = torch.compile(forward) if args.compile else forward
+    # Batches are prepared on the CPU, in --workers processes (0: this one), a few steps ahead.
+    batches = TrainingBatches(x, y, copy.deepcopy(prior).cpu(), args, num_classes, rank, world_size)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    decode = make_decoder(args.vae, config, device)
+    if rank == 0:
+        start_outputs(args, step)
+        print(f"{len(x)} training examples of shape {config['latent_shape']}, {num_classes} classes, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{world_size} process(es) on {device}")
+
+    sums, start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
+    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0 or args.quiet)
+    batches_ahead = iter(loader)
+    for step in progress:
+        waited = time.perf_counter()
+        # This process's share of training_pairs(step, ...), made by a worker; waits only if they fall behind.
+        x0, x1, t, labels = next(batches_ahead)
+        waited = time.perf_counter() - waited
+        loss, cost = backward_loss(forward, x0, x1, t, labels, args, world_size, device)
+        grad_norm = optimizer_step(step, loss, model, optimizer, args)
+        flow.update_ema(ema, model, ema_decay(step, args))
+        sums += torch.tensor([loss, cost, waited, 1.0], dtype=torch.float64)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            loss = write_log(args, done, sums, start, grad_norm, rank, world_size, device)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            sums, start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
+        # The checkpoint first: a failing sample grid must not lose the training since the last one.
+        if done % args.ckpt_every == 0 or done == args.steps:
+            save_checkpoint(args, config, done, model, ema, optimizer, prior, rank)
+        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
+            save_sample_grids(args, config, done, ema.eval(), prior, decode, device)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
 # Data. Everything becomes (x, y): x (N, C, H, W), either uint8 pixels (0..255) or float model
 # inputs (normalised latents, or digits already in [-1, 1]), and y (N,) int64 labels in
 # [0, num_classes).
 
+
 DATA_SETS = ("builtin-digits", "fashion-mnist", "imagenet64", "image-folder")
+
+
 NATURAL_SIZE = {"builtin-digits": 8, "fashion-mnist": 64, "imagenet64": 64, "image-folder": 64}
 
 
@@ -281,6 +552,7 @@ def load_latents(args, rank, world_size, device):
     info_path = os.path.join(cache, "info.json")
     wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "vae": args.vae,
               "image_size": args.image_size, "mirror": args.mirror}
+    raw = None
     if not os.path.isfile(info_path):
         with flow.write_errors(cache):
             os.makedirs(cache, exist_ok=True)
@@ -293,7 +565,8 @@ def load_latents(args, rank, world_size, device):
             info = dict(wanted, num_images=count, num_classes=num_classes,
                         shards=flow.shard_checksums(cache, count),
                         max_train_images=args.max_train_images if args.max_train_images == count else None)
-            info["latent_mean"], info["latent_std"] = channel_statistics(read_cache(cache, info)[0])
+            raw, labels = read_cache(cache, info)  # kept: read (and hashed) once
+            info["latent_mean"], info["latent_std"] = channel_statistics(raw)
             save_json(info, info_path)  # written last: its presence marks a complete cache
         barrier()
     info = flow.read_json(info_path, "latent cache index")
@@ -307,7 +580,8 @@ def load_latents(args, rank, world_size, device):
     if args.max_train_images is None and info.get("max_train_images"):
         raise SystemExit(f"error: latent cache {cache} holds only the first {info['num_images']} training "
                          f"images: pass --max-train-images {info['num_images']} or another --latent-cache")
-    raw, labels = read_cache(cache, info)
+    if raw is None:
+        raw, labels = read_cache(cache, info)
     count = args.max_train_images or info["num_images"]
     keep = np.concatenate([np.arange(count) + copy * info["num_images"] for copy in range(1 + args.mirror)])
     mean, std = (torch.tensor(info[key]).reshape(-1, 1, 1) for key in ("latent_mean", "latent_std"))
@@ -356,8 +630,8 @@ class BatchOrder:
 
 
 class TrainingBatches(torch.utils.data.Dataset):
-    """Item `step`: this process's share of global batch `step`, ready to train on: x0 (B, C, H, W),
-    x1 (B, C, H, W), t (B,) and the labels the network sees (B,).
+    """Item `step`: this process's share of training_pairs(step): x0 (B, C, H, W), x1 (B, C, H, W), t (B,)
+    and the labels the network sees (B,).
 
     A pure function of (seed, step): the data come from BatchOrder; each example's prior noise, time and
     dropout decisions from its own generator (flow.draw_examples); OT pairs over the whole global batch,
@@ -376,134 +650,13 @@ class TrainingBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step):
         index = self.order.indices(step)
-        x1 = to_model_space(self.x[index])
-        noise, t, uniforms = flow.draw_examples(self.args.seed, step, len(index), x1.shape[1:],
-                                                self.args.time_schedule, uniforms=2)
-        x0, labels = sample_pairs(self.prior, x1, self.y[index], noise, uniforms, self.num_classes, self.args)
-        return x0[self.share], x1[self.share], t[self.share], labels[self.share]
+        x1, y = to_model_space(self.x[index]), self.y[index]
+        pairs = training_pairs(step, x1, y, self.prior, self.num_classes, self.args)
+        return tuple(part[self.share] for part in pairs)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), velocity output.
-
-MODELS = flow.DIT_PRESETS  # tiny, mini, small, small-p8, S, B, L: width, depth, heads, patch
-DEFAULT_MODEL = {"fashion-mnist": "small-p8"}  # the others: tiny
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def time_embedding(t, dim, max_period=10_000):
-    """Sinusoidal features of t in [0, 1], scaled by 1000 so the frequencies match DiT's steps."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    angles = 1000 * t.float()[:, None] * frequencies[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-class DiTBlock(nn.Module):
-    """Self-attention and MLP, each modulated and gated by the conditioning (adaLN-zero)."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * width, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def attention(self, x):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
-
-    def forward(self, x, c):  # x (B, N, D), c (B, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-class DiT(nn.Module):
-    """v_theta(x_t, t, y): x_t (B, C, H, W), t (B,) in [0, 1], y (B,) labels; y = num_classes is the
-    null label of classifier-free guidance."""
-
-    def __init__(self, latent_shape, num_classes, width, depth, heads, patch):
-        super().__init__()
-        channels, height, width_pixels = latent_shape
-        if height % patch or width_pixels % patch:
-            raise SystemExit(f"error: latents of size {height}x{width_pixels} cannot be cut into "
-                             f"{patch}x{patch} patches")
-        self.patch, self.grid = patch, (height // patch, width_pixels // patch)
-        self.embed_patches = nn.Linear(patch * patch * channels, width)
-        self.position = nn.Parameter(0.02 * torch.randn(1, self.grid[0] * self.grid[1], width))
-        self.embed_time = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        self.embed_class = nn.Embedding(num_classes + 1, width)  # + 1: the null class
-        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
-        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.out = nn.Linear(width, patch * patch * channels)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.embed_class.weight, std=0.02)
-        for layer in self.embed_time:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-zero: every block's gates and the output layer start at zero, so the network starts
-        # as the identity on the residual stream and predicts v = 0.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.adaLN_out[-1], self.out):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x, t, y):
-        h, w = self.grid
-        tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=self.patch, q=self.patch)
-        tokens = self.embed_patches(tokens) + self.position  # (B, N, D)
-        c = self.embed_time(time_embedding(t, 256)) + self.embed_class(y)  # (B, D)
-        for block in self.blocks:
-            tokens = block(tokens, c)
-        shift, scale = self.adaLN_out(c).chunk(2, dim=1)
-        tokens = self.out(modulate(self.norm_out(tokens), shift, scale))
-        return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)
-
-
-def build_model(args, config):
-    preset = {**MODELS[args.model], "patch": args.patch_size}  # --patch-size, else the preset's
-    return DiT(tuple(config["latent_shape"]), config["num_classes"], **preset)
-
-
-def build_prior(args, config):
-    if args.prior == "gaussian":
-        return flow.GaussianPrior(config["latent_shape"])
-    return flow.ClassPrior(config["num_classes"], config["latent_shape"], sigma=args.prior_sigma,
-                           spread=args.prior_spread)
-
-
-@torch.no_grad()
-def fit_class_prior(prior, x, y, rank, world_size, device, chunk=4096):
-    """m(c) = mean of the training latents of class c: one streamed pass, each rank over its
-    share of the data, all-reduced inside finalize() so every rank ends with the same means."""
-    mine = torch.arange(rank, len(x), world_size)
-    for index in mine.split(chunk):
-        prior.accumulate(to_model_space(x[index]).to(device), y[index].to(device))
-    try:
-        return prior.finalize()
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Training.
+# Checkpoints, logs and sample grids.
 
 
 def barrier():
@@ -514,73 +667,6 @@ def barrier():
 def save_json(obj, path):
     with flow.atomic_file(path, "w") as file:
         json.dump(obj, file, indent=2)
-
-
-def ema_decay(step, args):
-    """--ema-decay, warmed up as (1 + step) / (10 + step): without it the EMA of a short run is
-    mostly the zero-initialised network (0.999^1000 = 37% of it after 1000 steps)."""
-    return min(args.ema_decay, (1 + step) / (10 + step))
-
-
-def sample_pairs(prior, x1, y, noise, uniforms, num_classes, args):
-    """Prior samples x0 (from `noise`) paired with the data x1, and the labels the network sees; the
-    two `uniforms` (B, 2) of each example decide its label dropout and, if dropped, its prior class.
-
-    Classifier-free guidance: each label is dropped to the null class with probability
-    --cfg-dropout. The dropped sample's x0 comes from the prior of a random class drawn by class
-    frequency (--cfg-null-prior mixture: the marginal prior, so v_null is the unconditional flow) or
-    from its own class prior (own). With `own` the null branch can read the class off where x_t
-    lies, so v_null ~ v_c and guidance has little to amplify: on the digits guidance then barely
-    changes the samples, while with `mixture` it improves FD at NFE 4 (docs/train_class.md).
-    """
-    dropped = uniforms[:, 0] < args.cfg_dropout
-    prior_labels = y
-    if args.prior == "class" and args.cfg_null_prior == "mixture" and args.cfg_dropout > 0:
-        # A class drawn by frequency: the uniform inverted through the cumulative class frequencies.
-        frequencies = prior.counts.cpu().cumsum(0) / prior.counts.sum().cpu()
-        random_classes = torch.searchsorted(frequencies, uniforms[:, 1].double(), right=True)
-        prior_labels = torch.where(dropped, random_classes.clamp_max(num_classes - 1), y)
-    x0 = prior.sample(prior_labels, noise)
-    # With the class prior each x0 belongs to its class: OT may only re-pair within a class.
-    x0 = flow.couple(x0, x1, args.coupling, groups=prior_labels if args.prior == "class" else None)
-    labels = torch.where(dropped, torch.full_like(y, num_classes), y)
-    return x0, labels
-
-
-def autocast(args, device):
-    """bf16 autocast on CUDA with --precision bf16; CPUs run float32."""
-    if device.type == "cuda" and args.precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def train_step(step, batch, model, forward, optimizer, args, world_size, device):
-    """One optimizer step on this process's share `batch` of global batch `step` (from TrainingBatches),
-    accumulated over micro-batches of at most --max-batch-per-gpu; returns (loss, transport cost,
-    gradient norm), the first two over this share."""
-    size = len(batch[0])
-    micro_batches = list(zip(*(part.split(args.max_batch_per_gpu) for part in batch)))
-    total_loss = total_cost = 0.0
-    for i, micro in enumerate(micro_batches):
-        x0, x1, t, labels = (part.to(device, non_blocking=True) for part in micro)
-        # DDP all-reduces gradients only on the last micro-batch.
-        sync = nullcontext() if i == len(micro_batches) - 1 or world_size == 1 else forward.no_sync()
-        with sync:
-            # E_t || v_theta(x_t, t, c) - (x1 - x0) ||^2, x_t = (1 - t) x0 + t x1
-            with autocast(args, device):
-                loss = flow.flow_matching_loss(forward, x0, x1, labels, t=t)
-            (loss * len(x1) / size).backward()  # the mean over this process's whole share
-        total_loss += loss.item() * len(x1) / size
-        total_cost += flow.transport_cost(x0, x1) * len(x1) / size
-    for group in optimizer.param_groups:
-        group["lr"] = flow.warmup_lr(args.lr, step, args.warmup_steps)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # clip BEFORE the step
-    if not (math.isfinite(total_loss) and torch.isfinite(grad_norm)):
-        raise SystemExit(f"error: non-finite loss {total_loss} or gradient norm at step {step + 1}; nothing "
-                         f"saved for this step, the last checkpoint in {args.out}/checkpoints is intact")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss, total_cost, grad_norm.item()
 
 
 def save_checkpoint(args, config, step, model, ema, optimizer, prior, rank):
@@ -697,67 +783,6 @@ def make_decoder(vae, config, device):
     return decode
 
 
-def main(args):
-    rank, world_size, device = flow.setup_distributed()
-    if args.global_batch % world_size:
-        raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by "
-                         f"{world_size} processes")
-    latest, checkpoint = checkpoint_to_resume(args, rank)  # before any data is read
-    if device.type == "cuda":  # TF32 for the float32 matmuls left outside bf16 autocast (Ampere and newer)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    x, y, num_classes, normalisation = load_data(args, rank, world_size, device)
-    if len(y) == 0 or y.min() < 0 or y.max() >= num_classes:
-        raise SystemExit(f"error: labels must lie in [0, {num_classes}) and data must not be empty")
-    config = {"num_classes": num_classes, "latent_shape": list(x.shape[1:]), **normalisation}
-
-    prior = build_prior(args, config).to(device)
-    if args.prior == "class":
-        fit_class_prior(prior, x, y, rank, world_size, device)
-
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args, config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = resume(latest, checkpoint, args, config, model, ema, optimizer) if checkpoint else 0
-    forward = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    forward = torch.compile(forward) if args.compile else forward
-    # Batches are prepared on the CPU, in --workers processes (0: this one), a few steps ahead.
-    batches = TrainingBatches(x, y, copy.deepcopy(prior).cpu(), args, num_classes, rank, world_size)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, args.steps),
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    decode = make_decoder(args.vae, config, device)
-    if rank == 0:
-        start_outputs(args, step)
-        print(f"{len(x)} training examples of shape {config['latent_shape']}, {num_classes} classes, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{world_size} process(es) on {device}")
-
-    sums, start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
-    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=rank != 0 or args.quiet)
-    batches_ahead = iter(loader)
-    for step in progress:
-        waited = time.perf_counter()
-        batch = next(batches_ahead)  # waits only when the workers fall behind the training steps
-        waited = time.perf_counter() - waited
-        loss, cost, grad_norm = train_step(step, batch, model, forward, optimizer, args, world_size, device)
-        flow.update_ema(ema, model, ema_decay(step, args))
-        sums += torch.tensor([loss, cost, waited, 1.0], dtype=torch.float64)
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            loss = write_log(args, done, sums, start, grad_norm, rank, world_size, device)
-            progress.set_postfix(loss=f"{loss:.4f}")
-            sums, start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
-        # The checkpoint first: a failing sample grid must not lose the training since the last one.
-        if done % args.ckpt_every == 0 or done == args.steps:
-            save_checkpoint(args, config, done, model, ema, optimizer, prior, rank)
-        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
-            save_sample_grids(args, config, done, ema.eval(), prior, decode, device)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading for sampling (sample.py).
 
@@ -790,6 +815,10 @@ def load_for_sampling(path, device, use_ema=True, vae=None):
         null_condition=lambda batch: torch.full((batch,), num_classes, dtype=torch.int64, device=device),
         decode=make_decoder(vae or args.vae, config, device), options=checkpoint["args"],
         trained_with_dropout=args.cfg_dropout > 0, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -908,6 +937,7 @@ def check_args(parser, args):
     problem = flow.out_folder_problem(args.out)
     if problem:
         parser.error(f"--out {args.out}: {problem}")
+
 
 if __name__ == "__main__":
     main(parse_args())

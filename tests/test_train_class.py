@@ -789,8 +789,7 @@ def test_pairs_keep_each_conditioned_sample_on_its_class_prior(null_prior):
     y = torch.arange(4).repeat(100)
     x1 = torch.randn(400, 1, 2, 2) + 3 * y[:, None, None, None]
     train_class.fit_class_prior(prior, x1, y, 0, 1, torch.device("cpu"))
-    noise, _, uniforms = flow.draw_examples(0, 0, 400, (1, 2, 2), uniforms=2)
-    x0, labels = train_class.sample_pairs(prior, x1, y, noise, uniforms, 4, args)
+    x0, _, _, labels = train_class.training_pairs(0, x1, y, prior, 4, args)
     source = torch.cdist(x0.flatten(1), prior.means.flatten(1)).argmin(1)  # which class mean x0 sits on
     kept = labels < 4
     assert 100 < kept.sum() < 300 and torch.equal(labels[kept], y[kept]) and (labels[~kept] == 4).all()
@@ -810,8 +809,7 @@ def test_ot_pairs_optimally_within_each_class():
     y = torch.arange(3).repeat(20)
     x1 = torch.randn(60, 1, 2, 2) + 3 * y[:, None, None, None]
     train_class.fit_class_prior(prior, x1, y, 0, 1, torch.device("cpu"))
-    noise, _, uniforms = flow.draw_examples(1, 0, 60, (1, 2, 2), uniforms=2)
-    x0, labels = train_class.sample_pairs(prior, x1, y, noise, uniforms, 3, args)
+    x0, _, _, labels = train_class.training_pairs(0, x1, y, prior, 3, args)
     assert torch.equal(labels, y)
     independent = 0.0
     for c in range(3):
