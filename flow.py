@@ -807,3 +807,35 @@ def read_json(path, what):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {what} {path} cannot be read ({type(error).__name__}): "
                          "delete it to make it again") from None
+
+
+def channel_statistics(latents):
+    """Per-channel mean and std of latents (N, C, H, W), in float64 over every position: the index's
+    normalisation, so that N(0, I) and sigma mean the same in every channel."""
+    flat = torch.from_numpy(latents).double().transpose(0, 1).reshape(latents.shape[1], -1)
+    return flat.mean(1).tolist(), flat.std(1).tolist()
+
+
+class UnreadableImage(ValueError):
+    """An image file PIL cannot read (corrupt, cut short). Raised in a DataLoader worker, it reaches the
+    main process with the worker's traceback in its message: the last line is the message itself."""
+
+
+def read_image(path):
+    """An image file as RGB, or UnreadableImage naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise UnreadableImage(f"error: cannot read image {path} ({type(error).__name__}: {error})") from None
+
+
+def stop_on_unreadable_images(batches):
+    """Yield from `batches`; an UnreadableImage stops the run with its one-line message."""
+    try:
+        yield from batches
+    except UnreadableImage as error:
+        last = str(error).strip().splitlines()[-1]
+        raise SystemExit(last[last.find("error: "):]) from None

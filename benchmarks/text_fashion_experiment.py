@@ -462,7 +462,7 @@ def sweep_mapper(train, options, width=None, steps_factor=1, weight_decay=0.0, d
         index = torch.randint(len(x1), (options.global_batch,), generator=generator)
         for group in optimizer.param_groups:
             group["lr"] = flow.warmup_lr(options.mapper_lr, step, options.warmup_steps)
-        loss = train_text.mapper_loss(mapper, x1[index], (F.dropout(pooled[index], dropout),), None)
+        loss = train_text.mapper_loss(mapper, x1[index], F.dropout(pooled[index], dropout), None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -728,7 +728,7 @@ def parse_args(argv=None):
     add("--configs", nargs="+", default=list(CONFIGS)[:4], choices=list(CONFIGS),
         help="configurations (text-ot-sigma1: the text prior + OT with sigma 1, an ablation)")
     add("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, help="text encoders")
-    add("--model", default="small", help="train_text.py --model")
+    add("--model", default="mini", help="train_text.py --model (mini: the network once named small there)")
     add("--steps", type=int, default=4000, help="flow steps of every run")
     add("--mapper-steps", type=int, default=1000, help="mapper steps of the text-prior runs")
     add("--global-batch", type=int, default=256, help="images per optimizer step")

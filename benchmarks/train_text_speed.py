@@ -58,7 +58,7 @@ def main(args):
     shape, patch, pooled_dim, token_dim, _ = SETUPS[args.setup]
     for name in args.model:
         torch.manual_seed(0)
-        model = train_text.DiT(shape, pooled_dim, token_dim, patch=patch, **train_text.MODELS[name])
+        model = train_text.DiT(shape, pooled_dim, token_dim, **{**train_text.MODELS[name], "patch": patch})
         model = model.to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -80,7 +80,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--setup", default="shapes", choices=list(SETUPS), help="latent shape and text encoder sizes")
-    add("--model", nargs="+", default=["tiny", "small"], choices=list(train_text.MODELS), help="DiT presets")
+    add("--model", nargs="+", default=["tiny", "mini"], choices=list(train_text.MODELS),
+        help="DiT presets (flow.DIT_PRESETS; each at the setup's patch)")
     add("--batch", type=int, default=64, help="images per step")
     add("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from fakes import write_coco, write_fashion, write_taef2
+from fakes import write_coco, write_taef2
 
 import fid
 import flow
@@ -273,11 +273,12 @@ def test_train_text_bad_options_are_one_line_before_the_data(options, message, c
 
 
 def test_train_text_missing_text_encoder_is_found_before_the_images_are_encoded(tmp_path, monkeypatch):
-    write_fashion(tmp_path / "fashion")
+    for split in ("train2017", "val2017"):
+        write_coco(tmp_path / "coco", split)
     write_taef2(tmp_path / "taef2")
-    monkeypatch.setattr(train_text, "encode_images", lambda *args: pytest.fail("images encoded first"))
+    monkeypatch.setattr(train_text, "encode_to_cache", lambda *args: pytest.fail("images encoded first"))
     missing = str(tmp_path / "minilm")
-    args = train_text.parse_args(["--data", "fashion-captions", "--data-root", str(tmp_path / "fashion"),
+    args = train_text.parse_args(["--data", "coco", "--data-root", str(tmp_path / "coco"),
                                   "--vae", str(tmp_path / "taef2"), "--text-encoder", missing,
                                   "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match=f"^error: cannot load the text encoder '{missing}'"):
