@@ -336,8 +336,14 @@ class DiT(nn.Module):
         return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)
 
 
+# The presets of train_text.py checkpoints made before flow.DIT_PRESETS (no "shared_presets" in their config).
+PRESETS_BEFORE = {**MODELS, "tiny": {"width": 64, "depth": 2, "heads": 2}, "small": {"width": 128, "depth": 4,
+                                                                                     "heads": 4}}
+
+
 def build_model(args, config):
-    preset = {**MODELS[args.model], "patch": args.patch_size}  # --patch-size, else the preset's
+    presets = MODELS if config.get("shared_presets") else PRESETS_BEFORE
+    preset = {**presets[args.model], "patch": args.patch_size}  # --patch-size, else the preset's
     return DiT(tuple(config["latent_shape"]), config["pooled_dim"], config["token_dim"], **preset)
 
 
@@ -366,7 +372,8 @@ def main(args):
     train = splits["train"]
     null = train.null(device)  # the empty caption: the null condition of classifier-free guidance
     config = {"latent_shape": list(train.images.shape[1:]), "pooled_dim": null[0].shape[1],
-              "token_dim": null[1].shape[2], **normalisation, "data_sha256": data_fingerprint(train)}
+              "token_dim": null[1].shape[2], **normalisation, "data_sha256": data_fingerprint(train),
+              "shared_presets": True}
     model, ema, prior = initial_networks(args, config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     mapper_optimizer = None
@@ -1235,7 +1242,7 @@ def parse_args(argv=None):
     add("--prior-sigma", type=float, default=0.5,
         help="sigma of the text prior (the paper: 0.7 on COCO latents)")
     add("--coupling", default="independent", choices=["independent", "ot"],
-        help="pairs as drawn, or minibatch OT of the prior noise (see sample_pairs)")
+        help="pairs as drawn, or minibatch OT of the prior noise (see training_pairs)")
     add("--time-schedule", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
     add("--cfg-dropout", type=float, default=0.1,
         help="probability of dropping a caption to the empty caption (CFG training)")

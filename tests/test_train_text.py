@@ -498,6 +498,19 @@ def test_kill_during_the_mapper_stage_resumes_as_an_uninterrupted_run(tmp_path):
     assert lines[0] == lines[1]  # no line lost or written twice
 
 
+def test_checkpoints_made_before_the_shared_presets_still_load(tmp_path):
+    """train_text's own "small" (width 128, depth 4) was flow.DIT_PRESETS' mini: such a checkpoint (no
+    "shared_presets" in its config) is built from the names it was made with."""
+    run(tmp_path / "run", "--model", "mini", "--prior", "gaussian", "--steps", "1")
+    path = tmp_path / "run" / "checkpoints" / "step_0000001.pt"
+    checkpoint = load(path)
+    old = dict(checkpoint, args=dict(checkpoint["args"], model="small"),
+               config={k: v for k, v in checkpoint["config"].items() if k != "shared_presets"})
+    flow.save_atomic(old, str(tmp_path / "old.pt"))
+    assert_same_state(train_text.load_for_sampling(str(tmp_path / "old.pt"), "cpu").model.state_dict(),
+                      checkpoint["ema"])
+
+
 def test_load_for_sampling_round_trip(shapes_run, tmp_path):
     path = str(shapes_run / "checkpoints" / "step_0000004.pt")
     loaded = train_text.load_for_sampling(path, "cpu")
