@@ -336,12 +336,12 @@ def main(args):
     summary = {"classifier": judge.info, **results, "seconds": seconds, "threads": torch.get_num_threads(),
                "thresholds": {"floor": FLOOR, "tone_quantile": TONE_QUANTILE, "tone_split": TONE_SPLIT,
                               "box_fraction": BOX_FRACTION, "trim": TRIM, "size_split": SIZE_SPLIT}}
-    with open(os.path.join(args.out, "judge_accuracy.json"), "w") as file:
+    with flow.atomic_file(os.path.join(args.out, "judge_accuracy.json"), "w") as file:
         json.dump(summary, file, indent=2)
     table = (f"Classifier: {100 * judge.info['test_accuracy']:.1f}% on all {judge.info['test_images']} "
              f"Fashion-MNIST test items drawn on canvases ({judge.info['train_images']} train items, "
              f"{judge.info['epochs']} epochs).\n\n" + markdown(results))
-    with open(os.path.join(args.out, "judge_accuracy.md"), "w") as file:
+    with flow.atomic_file(os.path.join(args.out, "judge_accuracy.md"), "w") as file:
         file.write(table)
     print(table)
 

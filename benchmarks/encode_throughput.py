@@ -65,7 +65,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--vae", default=os.path.join(ROOT, "..", "shared", "weights", "taef2"),
                         help="TAEF2 folder (taef2_encoder.pth, taef2_decoder.pth)")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",

@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import flow
 
 # name: the options that differ from the common ones. The first four are the prior x coupling grid.
 CONFIGS = {
@@ -125,7 +126,6 @@ def prepare(args):
     """Latent cache (encoding throughput measured), reference + probe, real-vs-real floor."""
     import torch
 
-    import flow
     import train_class
 
     start = time.perf_counter()
@@ -149,7 +149,8 @@ def prepare(args):
     images, labels = flow.load_fashion_mnist(args.data_root, "train")
     picked = np.random.default_rng(0).choice(len(images), args.num_images, replace=False)
     real = flow.fashion_to_rgb(images[picked]).permute(0, 2, 3, 1).numpy()
-    np.savez(os.path.join(args.out, "real_train.npz"), real, labels[picked])
+    with flow.atomic_file(os.path.join(args.out, "real_train.npz")) as file:
+        np.savez(file, real, labels[picked])
     subprocess.run(python("fid.py", "calc", "--images", os.path.join(args.out, "real_train.npz"),
                           "--ref", reference, "--json", os.path.join(args.out, "floor_real.json")),
                    check=True, cwd=ROOT)
@@ -282,11 +283,12 @@ def save_class_means(args):
         sampler = train_class.load_for_sampling(checkpoints[-1], args.device)
         with torch.no_grad():
             images = sampler.decode(sampler.prior.means)
-        save_image((images + 1) / 2, os.path.join(args.out, "class_means.png"), nrow=10)
+        with flow.atomic_file(os.path.join(args.out, "class_means.png")) as file:
+            save_image((images + 1) / 2, file, nrow=10, format="png")
 
 
 def save_json(obj, path):
-    with open(path, "w") as file:
+    with flow.atomic_file(path, "w") as file:
         json.dump(obj, file, indent=2)
 
 
@@ -327,8 +329,6 @@ def write_smoke_inputs(folder):
     import gzip
 
     import torch
-
-    import flow
 
     data, vae = os.path.join(folder, "fashion"), os.path.join(folder, "taef2")
     os.makedirs(data), os.makedirs(vae)

@@ -14,9 +14,13 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flow
 
 MAIN = ("condot", "batchot", "class", "class-ot")
 CURVE_NFE = 8  # fashion_experiment.py evaluates the earlier checkpoints at this NFE
@@ -189,7 +193,8 @@ def plots(runs, floors, docs):
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(os.path.join(docs, "fashion_fd_vs_nfe.png"), dpi=110)
+    with flow.atomic_file(os.path.join(docs, "fashion_fd_vs_nfe.png")) as file:
+        figure.savefig(file, dpi=110, format="png")
     plt.close(figure)
 
 
@@ -209,8 +214,9 @@ def grids(out, docs):
             rows = [np.concatenate(list(images[labels == c][:8]), axis=1) for c in np.unique(labels)]
             panels += [np.concatenate(rows, axis=0),
                        np.full((len(rows) * images.shape[1], 8, 3), 255, np.uint8)]
-        Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(
-            os.path.join(docs, "fashion_grid_" + os.path.basename(path).split("_")[1][:-4] + ".png"))
+        name = "fashion_grid_" + os.path.basename(path).split("_")[1][:-4] + ".png"
+        with flow.atomic_file(os.path.join(docs, name)) as file:
+            Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(file, format="PNG")
 
 
 def main(args):
@@ -229,7 +235,7 @@ def main(args):
     results = {"runs": runs, "seeds": seeds, "seed_count": seed_count, "floor_real": floor_real,
                "floor_autoencoder": floor_ae, "prepare": prepare,
                "targets": targets(runs, floor_ae)}
-    with open(os.path.join(args.docs, "fashion_results.json"), "w") as file:
+    with flow.atomic_file(os.path.join(args.docs, "fashion_results.json"), "w") as file:
         json.dump(results, file, indent=1, default=str)
     euler_nfes, midpoint_nfes = (1, 2, 4, 8, 16, 32), (2, 4, 8, 16)
     sections = [
@@ -269,13 +275,14 @@ def main(args):
         f"{prepare['latent_examples'] / prepare['cache_seconds']:.0f} images/s "
         "including reading and resizing.")
     sections.append("### Targets\n\n```\n" + json.dumps(results["targets"], indent=1) + "\n```")
-    with open(os.path.join(args.docs, "fashion_tables.md"), "w") as file:
+    with flow.atomic_file(os.path.join(args.docs, "fashion_tables.md"), "w") as file:
         file.write("\n\n".join(sections) + "\n")
     plots(runs, floors, args.docs)
     grids(args.out, args.docs)
     if os.path.exists(os.path.join(args.out, "class_means.png")):
-        shutil.copy(os.path.join(args.out, "class_means.png"),
-                    os.path.join(args.docs, "fashion_class_means.png"))
+        with open(os.path.join(args.out, "class_means.png"), "rb") as source, \
+                flow.atomic_file(os.path.join(args.docs, "fashion_class_means.png")) as target:
+            shutil.copyfileobj(source, target)
     print("\n\n".join(sections))
 
 

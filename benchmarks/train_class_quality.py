@@ -31,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid
+import flow
 
 DIGITS = 10
 
@@ -46,7 +47,8 @@ def reference_statistics(work, threads):
     """`fid.py ref` of the held-out digits, and the FD of the training split to it (the floor)."""
     reference, train_images = os.path.join(work, "digits_ref.npz"), os.path.join(work, "digits_train.npz")
     run_script("fid.py", "ref", "--images", "builtin-digits", "--out", reference, threads=threads)
-    np.savez(train_images, fid.load_digits_split(test=False)[0])
+    with flow.atomic_file(train_images) as file:
+        np.savez(file, fid.load_digits_split(test=False)[0])
     run_script("fid.py", "calc", "--images", train_images, "--ref", reference,
                "--json", os.path.join(work, "floor.json"), threads=threads)
     with open(os.path.join(work, "floor.json")) as file:
@@ -126,7 +128,8 @@ def save_plot(results, args):
     axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=80)
+    with flow.atomic_file(args.plot) as file:
+        fig.savefig(file, dpi=80, format="png")
 
 
 def save_grid(finals, work, args):
@@ -152,7 +155,8 @@ def save_grid(finals, work, args):
         ax.set_title(f"{name}\nNFE 1 | NFE 4", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(args.grid, dpi=80)
+    with flow.atomic_file(args.grid) as file:
+        fig.savefig(file, dpi=80, format="png")
 
 
 def train_smoke_run(work, threads):
@@ -178,7 +182,7 @@ def main(args):
             out = os.path.join(work, "samples", name)
             finals[name], results[name] = evaluate_run(run, reference, out, args)
             print(name, json.dumps({k: v for k, v in results[name].items() if k != "args"}))
-        with open(args.json, "w") as file:
+        with flow.atomic_file(args.json, "w") as file:
             json.dump(results, file, indent=1)
         if args.plot:
             save_plot({k: v for k, v in results.items() if k != "floor_fd_train_vs_test"}, args)

@@ -133,7 +133,7 @@ def main(options, train_options):
                      for workers, name in rates}
         json_path = os.path.join(work, "throughput.json") if options.smoke else options.json
         if json_path:
-            with open(json_path, "w") as file:
+            with flow.atomic_file(json_path, "w") as file:
                 json.dump({"options": vars(options), "train_class_options": train_options, "results": results,
                            "per_round": per_round}, file, indent=1)
 
