@@ -387,34 +387,10 @@ def image_folder(path, image_size):
     transform = transforms.Compose([
         transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
     try:
-        return datasets.ImageFolder(path, transform=transform, loader=read_image)
+        return datasets.ImageFolder(path, transform=transform, loader=flow.read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise SystemExit(f"error: {path} is not an image folder with one subfolder per class "
                          f"({error})") from None
-
-
-class UnreadableImage(ValueError):
-    """An image file PIL cannot read (corrupt, cut short). Raised in a DataLoader worker, it reaches the
-    main process with the worker's traceback in its message: the last line is the message itself."""
-
-
-def read_image(path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise UnreadableImage(f"error: cannot read image {path} ({type(error).__name__}: {error})") from None
-
-
-def stop_on_unreadable_images(batches):
-    """Yield from `batches`; an UnreadableImage stops the run with its one-line message."""
-    try:
-        yield from batches
-    except UnreadableImage as error:
-        last = str(error).strip().splitlines()[-1]
-        raise SystemExit(last[last.find("error: "):]) from None
 
 
 def image_source(args):
@@ -444,7 +420,7 @@ def image_source(args):
         for start, stop in ranges:
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
                                                  batch_size=batch_size, num_workers=args.workers)
-            yield from stop_on_unreadable_images(loader)
+            yield from flow.stop_on_unreadable_images(loader)
     return count, len(dataset.classes), batches
 
 
@@ -527,12 +503,6 @@ def encode_to_cache(args, cache, rank, world_size, device):
     return count, num_classes
 
 
-def channel_statistics(latents):
-    """Per-channel mean and std of latents (N, C, H, W), in float64 over every position."""
-    flat = torch.from_numpy(latents).double().transpose(0, 1).reshape(latents.shape[1], -1)
-    return flat.mean(1).tolist(), flat.std(1).tolist()
-
-
 def read_cache(cache, info):
     """(raw latents with the mirror images after the originals, labels) from a complete cache."""
     shards = flow.read_shards(cache, info["shards"])
@@ -566,7 +536,7 @@ def load_latents(args, rank, world_size, device):
                         shards=flow.shard_checksums(cache, count),
                         max_train_images=args.max_train_images if args.max_train_images == count else None)
             raw, labels = read_cache(cache, info)  # kept: read (and hashed) once
-            info["latent_mean"], info["latent_std"] = channel_statistics(raw)
+            info["latent_mean"], info["latent_std"] = flow.channel_statistics(raw)
             save_json(info, info_path)  # written last: its presence marks a complete cache
         barrier()
     info = flow.read_json(info_path, "latent cache index")
