@@ -159,7 +159,7 @@ def write_prompts(args):
         prompts += [texts[i] for i in sorted(picked)]
         split_of += [name] * len(picked)
     os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
-    with open(prompt_file(args), "w") as file:
+    with flow.atomic_file(prompt_file(args), "w") as file:
         file.write("".join(prompt + "\n" for prompt in prompts))
     return prompts, np.array(split_of)
 
@@ -639,7 +639,8 @@ def plot(results, encoders, path):
         axis.set(xlabel="NFE (Euler)", ylabel="all-correct caption accuracy (%)", title=f"encoder: {encoder}")
         axis.legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with flow.atomic_file(path) as file:
+        figure.savefig(file, dpi=110, format="png")
     plt.close(figure)
 
 
@@ -665,7 +666,7 @@ def report(args):
             results["centres"] = json.load(file)
         parts += [centres_tables(by_encoder, encoder) for encoder, by_encoder in results["centres"].items()]
     save_json(results, os.path.join(args.docs, "text_fashion_results.json"))
-    with open(os.path.join(args.docs, "text_fashion_tables.md"), "w") as file:
+    with flow.atomic_file(os.path.join(args.docs, "text_fashion_tables.md"), "w") as file:
         file.write("\n\n".join(parts) + "\n")
     plot(results, encoders, os.path.join(args.docs, "text_fashion_accuracy_vs_nfe.png"))
     for encoder in encoders:  # P's decoded means for seen and held-out wordings

@@ -221,7 +221,7 @@ def main(args):
     grid_captions = [captions[:: len(captions) // 8][:8] for captions, _ in sets.values()]
     for run in args.runs:
         name, results["runs"][name] = evaluate(run, sets, grid_captions[0] + grid_captions[1], args)
-    with open(args.out, "w") as file:
+    with flow.atomic_file(args.out, "w") as file:
         json.dump({"args": vars(args), **results}, file, indent=2)
     print_table(results, args.nfe)
 
