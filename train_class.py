@@ -853,7 +853,8 @@ def parse_args(argv=None):
     add("--precision", default="bf16", choices=["bf16", "fp32"],
         help="autocast precision on CUDA (CPU runs fp32)")
     add("--compile", action="store_true", help="torch.compile the network")
-    add("--seed", type=int, default=0, help="seed for weights, data order and noise (offset by rank)")
+    add("--seed", type=int, default=0,
+        help="seed for weights, data order and every example's noise (the same on every rank)")
     # Logging, samples, checkpoints.
     add("--log-every", type=int, default=50, help="steps between log.jsonl lines")
     add("--sample-every", type=int, default=600, help="steps between EMA sample grids")
