@@ -7,7 +7,9 @@ by benchmarks/captioned_fashion.py. Every run is train_text.py --data coco on th
 validation split val) with one model and budget in the TAEF2 latent space (one latent cache for all
 runs, one text cache per encoder), and every image is read by the caption judge of
 benchmarks/caption_judge.py. Stages:
-    train    the data folder and the caches (built once, here), then the 8 runs (--parallel at once)
+    train    the data folder and the caches (built once, here), one mapper per encoder (stage 1 alone, in
+             OUT/mappers), then the 8 runs (--parallel at once): the text-prior runs all take their
+             encoder's mapper (--mapper-from), so they differ only in what they compare
     eval     the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
              split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
              --images-per-prompt images per caption; the judge's per-attribute and all-correct
@@ -114,7 +116,13 @@ def train_options(args, config, encoder):
         "--text-encoder", encoder_option(args, encoder),
         "--image-size", args.image_size, "--model", args.model, "--global-batch", args.global_batch,
         "--lr", args.lr, *budget, "--quiet",
-        "--out", os.path.join(args.out, "runs", run_name(config, encoder)), *CONFIGS[config]]]
+        "--out", os.path.join(args.out, "runs", run_name(config, encoder)), *CONFIGS[config],
+        *(["--mapper-from", mapper_checkpoint(args, encoder)] if "text" in CONFIGS[config] else [])]]
+
+
+def mapper_checkpoint(args, encoder):
+    """The one mapper of `encoder` (stage 1, trained by train_mappers) that every text-prior run takes."""
+    return os.path.join(args.out, "mappers", encoder, "mapper", f"step_{args.mapper_steps:07d}.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,10 +142,30 @@ def build_caches(args):
         train_text.load_data(options, 0, 1, torch.device(args.device))
 
 
+def train_mappers(args):
+    """Stage 1 once per encoder and data (train_text.py --steps 0), before any flow run: the text-prior
+    runs all take this mapper (--mapper-from), so they differ only in what they compare."""
+    commands = []
+    for encoder in args.encoders:
+        if os.path.isfile(mapper_checkpoint(args, encoder)):
+            continue
+        options = train_options(args, "text", encoder)
+        options = options[:options.index("--mapper-from")]  # this run trains the mapper itself
+        options[options.index("--steps") + 1] = "0"
+        options[options.index("--out") + 1] = os.path.join(args.out, "mappers", encoder)
+        log = os.path.join(args.out, "logs", f"mapper-{encoder}.log")
+        commands.append((python("train_text.py", *options), log))
+    return run_all(commands, args.parallel)
+
+
 def train(args):
     start = time.perf_counter()
     build_caches(args)
     print(f"caches: {time.perf_counter() - start:.0f} s", flush=True)
+    if any("text" in CONFIGS[config] for config in args.configs):
+        failed = train_mappers(args)
+        if failed:
+            return failed
     commands = [(python("train_text.py", *train_options(args, config, encoder)),
                  os.path.join(args.out, "logs", f"{run_name(config, encoder)}.log"))
                 for config, encoder in runs(args)]
@@ -288,14 +316,24 @@ def read_samples(path, prompts):
     return images, lines
 
 
+def mapper_log(run):
+    """The log of the run whose mapper `run` took (--mapper-from in its args.json), or None."""
+    path = os.path.join(run, "args.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        mapper_from = json.load(file).get("mapper_from")
+    return os.path.join(os.path.dirname(os.path.dirname(mapper_from)), "log.jsonl") if mapper_from else None
+
+
 def read_log(run):
     """The mapper's last validation losses and the mean training transport cost (second half of
     the flow records: past warm-up) from a run's log.jsonl."""
-    path = os.path.join(run, "log.jsonl")
     records = []
-    if os.path.isfile(path):
-        with open(path) as file:
-            records = [json.loads(line) for line in file]
+    for path in (os.path.join(run, "log.jsonl"), mapper_log(run)):  # + the log of its mapper's run
+        if path and os.path.isfile(path):
+            with open(path) as file:
+                records += [json.loads(line) for line in file]
     losses = [r for r in records if r["stage"] == "mapper" and any(k.startswith("val_loss_") for k in r)]
     flow_records = [r for r in records if r["stage"] == "flow"]
     tail = flow_records[len(flow_records) // 2:]
