@@ -767,7 +767,8 @@ def parse_args(argv=None):
     add("--configs", nargs="+", default=list(CONFIGS)[:4], choices=list(CONFIGS),
         help="configurations (text-ot-sigma1: the text prior + OT with sigma 1, an ablation)")
     add("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, help="text encoders")
-    add("--model", default="mini", help="train_text.py --model (mini: the network once named small there)")
+    add("--model", default="small-p8",
+        help="train_text.py --model (small-p8: the CPU recipe of docs/fashion_mnist.md)")
     add("--steps", type=int, default=4000, help="flow steps of every run")
     add("--mapper-steps", type=int, default=1000, help="mapper steps of the text-prior runs")
     add("--global-batch", type=int, default=256, help="images per optimizer step")
