@@ -38,6 +38,52 @@ def test_centre_scores_pick_the_nearest_combination_mean():
     assert list(scores["nearest_class"]) == [0, 1, 0, 9]
 
 
+def fake_text_results(accuracy, seeds=(0, 1)):
+    """A results.json of text_fashion_experiment with one measure per (config, seed, NFE): every split's
+    judge score is accuracy[config][seed] at every NFE and key."""
+    judge = {split: {key: None for key in ("item", "size", "tone", "all")} for split in
+             ("val", "heldout-word", "heldout-template", "heldout-combination", "seen", "heldout")}
+    runs = {}
+    for config, by_seed in accuracy.items():
+        for seed in seeds:
+            scores = {split: dict.fromkeys(keys, by_seed[seed]) for split, keys in judge.items()}
+            runs[f"{config}-minilm-seed{seed}"] = {"nfe": {str(n): {"judge": scores} for n in (2, 4, 8)}}
+    real = {split: dict.fromkeys(keys, 0.9) for split, keys in judge.items()}
+    centres = {"minilm": {"runs": {"text-minilm-seed0": {"heldout-word": {"item": 0.6}},
+                                   "sweep: as the runs": {"heldout-word": {"item": 0.5}}}}}
+    return {"runs": runs, "floors": {"real": {"judge": real}}, "centres": centres}
+
+
+def test_text_targets_read_the_means_over_seeds_against_condot_and_the_encoder_ceiling():
+    """text_fashion_experiment's targets: means over the seeds; gains in points over CondOT's mean;
+    held-out words as a share of the ceiling of the runs' own mapper (not of a sweep variant)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import text_fashion_experiment
+
+    results = fake_text_results({"condot": {0: 0.20, 1: 0.30}, "text": {0: 0.50, 1: 0.56},
+                                 "text-ot": {0: 0.80, 1: 0.76}})
+    targets = text_fashion_experiment.targets(results, "minilm")
+    assert targets["text"]["seen_item_nfe8"] == pytest.approx(0.53)
+    assert not targets["text"]["seen_item_at_least_70"] and targets["text-ot"]["seen_item_at_least_70"]
+    gains = targets["text"]["all_correct_gain_over_condot"]
+    assert len(gains) == 6 and all(gain == pytest.approx(0.53 - 0.25) for gain in gains.values())
+    assert targets["text"]["gains_at_least_10_points"]
+    assert targets["text-ot"]["encoder_ceiling"] == 0.6
+    assert targets["text-ot"]["share_of_encoder_ceiling"] == pytest.approx(0.78 / 0.6)
+    assert targets["text-ot"]["at_least_90_percent_of_ceiling"] and not targets["text"][
+        "at_least_90_percent_of_ceiling"]  # 0.53 / 0.6 = 0.88
+
+
+def test_text_tables_give_mean_and_sample_std_over_seeds():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import text_fashion_experiment
+
+    assert text_fashion_experiment.spread([0.2, 0.3]) == "25 ± 7"  # sample std of 20, 30: 7.07
+    assert text_fashion_experiment.spread([0.2]) == "20" and text_fashion_experiment.spread([]) == "-"
+    name = text_fashion_experiment.run_name("text-ot-sigma1", "minilm", 2)
+    assert text_fashion_experiment.parse_name(name) == ("text-ot-sigma1", "minilm", 2)
+
+
 def test_the_budget_planner_gives_training_what_evaluation_leaves(tmp_path, capsys):
     """fashion_experiment's --budget-minutes: evaluation first (judged images x seconds per image, plus
     start-up per command), then the steps that fit; too small a budget is one line, not a plan."""
