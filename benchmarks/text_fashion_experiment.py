@@ -8,15 +8,17 @@ validation split val) with one model and budget in the TAEF2 latent space (one l
 runs, one text cache per encoder), and every image is read by the caption judge of
 benchmarks/caption_judge.py. Stages:
     train    the data folder and the caches (built once, here), one mapper per encoder (stage 1 alone, in
-             OUT/mappers), then the 8 runs (--parallel at once): the text-prior runs all take their
-             encoder's mapper (--mapper-from), so they differ only in what they compare
+             OUT/mappers), then one run per configuration, encoder and seed (--parallel at once): the
+             text-prior runs all take their encoder's mapper (--mapper-from), so they differ only in
+             what they compare
     eval     the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
              split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
              --images-per-prompt images per caption; the judge's per-attribute and all-correct
              accuracy on seen captions, on each held-out kind and on all held-out ones; FD-EffNet of
              the seen and of the held-out images (N each) against real canvases of the same splits
              (even-numbered canvases: the reference; odd-numbered: the real and autoencoder rows);
-             the mapper's validation losses and the training transport cost from each log.jsonl
+             the mapper's validation losses and the training transport cost from each log.jsonl; for
+             the first seed also its earlier checkpoints at NFE 8 (accuracy against training steps)
     swap     for the held-out-word prompts: the prior's centre and the flow's condition each from the
              caption or from its seen paraphrase (same noise), judged: which part loses the word?
     centres  for every eval caption, where the mapper puts the prior's centre: the share nearest to
@@ -26,12 +28,11 @@ benchmarks/caption_judge.py. Stages:
     report   markdown tables (one per encoder), all-correct accuracy against NFE (PNG) and every
              number (JSON) into --docs, with the decoded mapper means of the text-prior runs
 
-Run (the stages can also run one at a time; on a CPU use a small budget: --configs text --encoders
-minilm --model tiny --steps 100 --mapper-steps 100 --max-train-images 2000 --prompts 25 took 20
-minutes of wall time on 2 shared cores, 9 of them the caches):
+Run (the stages can also run one at a time; on 2 CPU cores the 4 configurations x 3 seeds with MiniLM
+below took 2 h 12 min, docs/train_text.md):
     python benchmarks/text_fashion_experiment.py --data-root /usr/share/datasets/fashion-mnist \\
-        --vae ../shared/weights/taef2 --text-encoder runs/minilm/all-MiniLM-L6-v2 \\
-        --judge-weights runs/judge/classifier.pt --out runs/text-fashion --docs docs/text-fashion
+        --vae ../shared/weights/taef2 --text-encoder runs/minilm/all-MiniLM-L6-v2 --encoders minilm \\
+        --seeds 0 1 2 --steps 1000 --global-batch 128 --lr 1e-3 --max-train-images 10000 --parallel 2
     python benchmarks/text_fashion_experiment.py --smoke  # tiny budget, random TAEF2, built-in encoder
 """
 import argparse
