@@ -97,7 +97,7 @@ def trained_runs(args):
     found = []
     for config, encoder, seed in runs(args):
         run = os.path.join(args.out, "runs", run_name(config, encoder, seed))
-        if os.path.isfile(os.path.join(run, "checkpoints", f"step_{args.steps:07d}.pt")):
+        if os.path.isfile(checkpoint_path(run, args.steps)):
             found.append((run_name(config, encoder, seed), run))
         else:
             print(f"no checkpoint of step {args.steps} in {run}: skipped", flush=True)
@@ -373,19 +373,19 @@ def read_log(run):
 def evaluate_run(evaluator, run, prompts, split_of_prompt):
     """{"nfe": {NFE: judge, FD-EffNet and sample.py's measures} of the last checkpoint, "steps": {step:
     the same at CURVE_NFE} of the earlier ones (first seed)}."""
-    results = {"nfe": {}, "steps": {}}
-    for path in sorted(glob.glob(os.path.join(run, "eval", "*", "*", "euler_nfe*.npz"))
-                       + glob.glob(os.path.join(run, "eval", "euler", "euler_nfe*.npz"))):
+    def measure(path):
         images, lines = read_samples(path, prompts)
         with open(path[:-len(".npz")] + ".json") as file:
             sampled = json.load(file)
         result = evaluator.measure(images, [prompts[i] for i in lines], split_of_prompt[lines])
         result.update({key: sampled[key] for key in ("transport_cost", "straightness", "seconds_per_image")})
-        if os.path.basename(os.path.dirname(path)) == "euler":
-            results["nfe"][sampled["nfe"]] = result
-        else:
-            results["steps"][int(os.path.basename(os.path.dirname(path))[len("step_"):])] = result
-    return results
+        return sampled["nfe"], result
+
+    final = sorted(glob.glob(os.path.join(run, "eval", "euler", "euler_nfe*.npz")))
+    earlier = sorted(glob.glob(os.path.join(run, "eval", "steps", "step_*", "euler_nfe*.npz")))
+    return {"nfe": dict(map(measure, final)),
+            "steps": {int(os.path.basename(os.path.dirname(path))[len("step_"):]): measure(path)[1]
+                      for path in earlier}}
 
 
 def evaluate(args):
