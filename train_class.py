@@ -520,7 +520,7 @@ def load_latents(args, rank, world_size, device):
     every checkpoint; decoding undoes it (make_decoder)."""
     cache = args.latent_cache or os.path.join(args.out, "latents")
     info_path = os.path.join(cache, "info.json")
-    wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "vae": args.vae,
+    wanted = {"data": args.data, "data_root": os.path.realpath(args.data_root), "vae": args.vae,
               "image_size": args.image_size, "mirror": args.mirror}
     raw = None
     if not os.path.isfile(info_path):

@@ -791,7 +791,7 @@ def latent_images(args, images, cache, rank, world_size, device, normalisation):
     statistics of the training cache (normalisation=None: this cache's own), kept with the cache and in
     every checkpoint; decoding undoes it (make_decoder)."""
     info_path = os.path.join(cache, "info.json")
-    wanted = {"data": args.data, "data_root": os.path.abspath(args.data_root), "images": len(images),
+    wanted = {"data": args.data, "data_root": os.path.realpath(args.data_root), "images": len(images),
               "image_size": args.image_size, "vae": args.vae}
     # Made once; again if it was made before caches had shards and checksums.
     if "shards" not in (flow.read_json(info_path, "latent cache index") if os.path.isfile(info_path) else {}):

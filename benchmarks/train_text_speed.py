@@ -5,6 +5,7 @@ Prints, per configuration: parameters, seconds per step, images per second, and 
 
     python benchmarks/train_text_speed.py                       # the built-in shapes setup
     python benchmarks/train_text_speed.py --setup coco64 --model S B --batch 64
+    python benchmarks/train_text_speed.py --setup fashion --model small-p8 mini --patch 4 --batch 128
     python benchmarks/train_text_speed.py --smoke               # seconds: one tiny step, writes nothing
 """
 import argparse
@@ -20,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flow
 import train_text
 
-SETUPS = {  # name: (latent shape, patch, pooled dim, token dim, tokens)
+SETUPS = {  # name: (latent shape, patch (None: the preset's), pooled dim, token dim, tokens)
     "shapes": ((3, 32, 32), 8, 64, 64, 8),  # pixels, built-in word encoder
     "coco64": ((4, 8, 8), 2, 512, 512, 32),  # 64 px through the SD VAE, CLIP ViT-B/32, --text-length 32
     "coco256": ((4, 32, 32), 2, 512, 512, 32),  # 256 px, the paper's resolution
+    "fashion": ((32, 8, 8), None, 384, 384, 32),  # captioned Fashion through TAEF2, all-MiniLM-L6-v2
 }
 
 
@@ -53,10 +55,11 @@ def main(args):
         args.model, args.batch, args.steps = ["tiny"], 4, 1
     device = torch.device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, setup {args.setup}, batch {args.batch}")
-    print("| model | parameters | s / step | images / s | peak memory |")
-    print("|---|---|---|---|---|")
-    shape, patch, pooled_dim, token_dim, _ = SETUPS[args.setup]
+    print("| model | patch | parameters | s / step | images / s | peak memory |")
+    print("|---|---|---|---|---|---|")
+    shape, setup_patch, pooled_dim, token_dim, _ = SETUPS[args.setup]
     for name in args.model:
+        patch = args.patch or setup_patch or train_text.MODELS[name]["patch"]
         torch.manual_seed(0)
         model = train_text.DiT(shape, pooled_dim, token_dim, **{**train_text.MODELS[name], "patch": patch})
         model = model.to(device)
@@ -65,8 +68,9 @@ def main(args):
         seconds = time_steps(model, args.batch, args.setup, device, args.steps)
         peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # ru_maxrss: KiB on Linux
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        print(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {seconds:.3f} | "
-              f"{args.batch / seconds:.1f} | {peak / 2**20:.0f} MiB |")
+        size = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"| {name} | {patch} | {size:.2f}M | {seconds:.3f} | {args.batch / seconds:.1f} | "
+              f"{peak / 2**20:.0f} MiB |")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,14 +85,16 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--setup", default="shapes", choices=list(SETUPS), help="latent shape and text encoder sizes")
     add("--model", nargs="+", default=["tiny", "mini"], choices=list(train_text.MODELS),
-        help="DiT presets (flow.DIT_PRESETS; each at the setup's patch)")
+        help="DiT presets (flow.DIT_PRESETS; each at the setup's patch, else its own)")
+    add("--patch", type=int, default=None,
+        help="patch side for every preset (default: the setup's, else the preset's)")
     add("--batch", type=int, default=64, help="images per step")
     add("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     add("--smoke", action="store_true", help="one timed step of the tiny network at batch 4 (a quick check)")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.steps < 1:
-        parser.error("--batch and --steps must be positive")
+    if args.batch < 1 or args.steps < 1 or (args.patch is not None and args.patch < 1):
+        parser.error("--batch, --steps and --patch must be positive")
     return args
 
 

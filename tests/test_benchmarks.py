@@ -108,3 +108,33 @@ def test_the_budget_planner_gives_training_what_evaluation_leaves(tmp_path, caps
     args.budget_minutes = 0.5  # less than the evaluation alone
     with pytest.raises(SystemExit, match="^error: --budget-minutes 0.5 leaves 0 training steps"):
         fashion_experiment.plan(args)
+
+
+def test_recipe_search_reads_recipes_minutes_and_rows(tmp_path):
+    """text_recipe_search: MODEL:PATCH:STEPS parsed or refused in one line; training minutes summed record
+    by record from the log's images/s; one table row per configuration with seen / held-out accuracy."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import text_recipe_search as search
+
+    assert search.parse_recipe("mini:4:2760") == ("mini", 4, 2760)
+    for bad in ("mini:4", "huge:2:10", "mini:x:10", "mini:0:10"):
+        with pytest.raises(ValueError, match="recipe"):
+            search.parse_recipe(bad)
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"stage": "mapper", "step": 10}, {"stage": "flow", "step": 10, "images_per_s": 64.0},
+               {"stage": "flow", "step": 30, "images_per_s": 32.0}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert search.training_minutes(str(run), batch=128) == pytest.approx((10 * 2 + 20 * 4) / 60)
+    judge = {"seen": {"item": 0.5, "size": 0.75, "tone": 1.0, "all": 0.25},
+             "heldout": {"item": 0.4, "size": 0.5, "tone": 0.5, "all": 0.125}}
+    row = {"recipe": search.recipe_name("mini", 4, 2760), "config": "condot", "parameters": 1.78e6,
+           "train_minutes": 11.04,
+           "nfe": {4: {"judge": judge, "fd_seen": 700.4}, 8: {"judge": judge, "fd_seen": 1}}}
+    floors = {"real": {"judge": {"seen": {"all": 0.9}, "heldout": {"all": 0.88}}, "fd": {"seen": 200.0}}}
+    table = search.markdown([row], floors).splitlines()
+    assert table[2] == ("| mini p4, 2760 steps | CondOT (N(0, I)) | 1.78M | 11.0 | - | - | 25% / 12% "
+                        "| 25% / 12% | 50% / 75% / 100% | 700 |")
+    assert "90% / 88%" in table[-1]
