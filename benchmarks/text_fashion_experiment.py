@@ -406,8 +406,33 @@ def evaluate(args):
                "floors": evaluator.floors(), "runs": {}}
     for name, run in trained_runs(args):
         results["runs"][name] = {**read_log(run), **evaluate_run(evaluator, run, prompts, split_of_prompt)}
-    save_json(results, os.path.join(args.out, "eval", "results.json"))
+    path = os.path.join(args.out, "eval", "results.json")
+    keep_earlier(path, results, lambda earlier: without_seeds(earlier["setup"]) == without_seeds(
+        results["setup"]), "runs")
+    results["setup"]["seeds"] = sorted({parse_name(name)[2] for name in results["runs"]})
+    save_json(results, path)
     return failed
+
+
+def without_seeds(setup):
+    return {key: value for key, value in setup.items() if key != "seeds"}
+
+
+def keep_earlier(path, fresh, same_setup, part=None):
+    """Add to fresh[part] (fresh itself when part is None) the entries of the earlier file at `path` that
+    this call did not measure (other encoders, configurations or seeds), when that file was measured the
+    same way (same_setup(earlier)): a stage run for added runs keeps what was measured before."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as file:
+        earlier = json.load(file)
+    entries, earlier_entries = (fresh[part], earlier.get(part, {})) if part else (fresh, earlier)
+    kept = [key for key in earlier_entries if key not in entries]
+    if kept and same_setup(earlier):
+        entries.update({key: earlier_entries[key] for key in kept})
+        print(f"{path}: kept {len(kept)} earlier entries ({', '.join(kept)})", flush=True)
+    elif kept:
+        print(f"{path}: made with other settings: its {', '.join(kept)} are replaced", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +479,10 @@ def swap(args):
                 images = sampler.decode(flow.solve(velocity, x0, nfe).x)
             score = caption_judge.score(judge(images), held)
             scores[f"prior: {prior_from}, flow: {flow_from}"] = {k: float(v) for k, v in score.items()}
-    save_json(results, os.path.join(args.out, "eval", "swap.json"))
+    path = os.path.join(args.out, "eval", "swap.json")
+    same = (nfe, len(held))
+    keep_earlier(path, results, lambda earlier: (earlier["nfe"], earlier["images"]) == same, "runs")
+    save_json(results, path)
     return []
 
 
@@ -584,7 +612,9 @@ def centres(args):
         results[encoder] = {"runs": {name: {split: {k: s[k] for k in ("item", "all")}
                                             for split, s in by.items()} for name, by in scores.items()},
                             "words": held_out_words(pairs, scores, mappers, encoder)}
-    save_json(results, os.path.join(args.out, "eval", "centres.json"))
+    path = os.path.join(args.out, "eval", "centres.json")
+    keep_earlier(path, results, lambda earlier: True)  # other encoders: measured from their own runs
+    save_json(results, path)
     return []
 
 

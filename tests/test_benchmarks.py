@@ -138,3 +138,25 @@ def test_recipe_search_reads_recipes_minutes_and_rows(tmp_path):
     assert table[2] == ("| mini p4, 2760 steps | CondOT (N(0, I)) | 1.78M | 11.0 | - | - | 25% / 12% "
                         "| 25% / 12% | 50% / 75% / 100% | 700 |")
     assert "90% / 88%" in table[-1]
+
+
+def test_a_stage_run_for_added_runs_keeps_what_was_measured_before(tmp_path):
+    """text_fashion_experiment.keep_earlier: entries of the earlier file that this call did not measure are
+    kept when it was measured the same way, replaced otherwise; entries measured now win."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import text_fashion_experiment
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"setup": {"nfe": [4]}, "runs": {"a": 1, "b": 2}}))
+    fresh = {"setup": {"nfe": [4]}, "runs": {"b": 20, "c": 30}}
+    text_fashion_experiment.keep_earlier(str(path), fresh, lambda e: e["setup"] == fresh["setup"], "runs")
+    assert fresh["runs"] == {"a": 1, "b": 20, "c": 30}
+    other = {"setup": {"nfe": [8]}, "runs": {"c": 30}}
+    text_fashion_experiment.keep_earlier(str(path), other, lambda e: e["setup"] == other["setup"], "runs")
+    assert other["runs"] == {"c": 30}
+    by_encoder = {"builtin": {"x": 1}}
+    path.write_text(json.dumps({"minilm": {"y": 2}, "builtin": {"x": 0}}))
+    text_fashion_experiment.keep_earlier(str(path), by_encoder, lambda e: True)
+    assert by_encoder == {"builtin": {"x": 1}, "minilm": {"y": 2}}
