@@ -51,7 +51,8 @@ def parse_recipe(text):
 
 
 def recipe_name(model, patch, steps):
-    return f"{model} p{patch}, {steps} steps"
+    """'mini p4, 2760 steps'; a preset named for its patch (small-p8) at that patch is named alone."""
+    return f"{model if model.endswith(f'-p{patch}') else f'{model} p{patch}'}, {steps} steps"
 
 
 def experiment_recipe(settings):
@@ -124,12 +125,16 @@ def parameters(run, steps):
 
 
 def recipe_rows(results, folder, recipe, configs, encoder, seed, batch):
-    """One row per configuration: the recipe, its size and minutes, the judge and FD-EffNet at every NFE."""
+    """One row per configuration: the recipe, its size and minutes, the judge and FD-EffNet at every NFE,
+    seen all-correct accuracy at CURVE_NFE at every checkpoint."""
     rows = []
     for config in configs:
         name = experiment.run_name(config, encoder, seed)
         run, measured = os.path.join(folder, "runs", name), results["runs"][name]["nfe"]
-        rows.append({"recipe": recipe_name(*recipe), "config": config,
+        curve = {int(step): m["judge"]["seen"]["all"] for step, m in results["runs"][name]["steps"].items()}
+        if str(experiment.CURVE_NFE) in measured:
+            curve[recipe[2]] = measured[str(experiment.CURVE_NFE)]["judge"]["seen"]["all"]
+        rows.append({"recipe": recipe_name(*recipe), "config": config, "curve": dict(sorted(curve.items())),
                      "parameters": parameters(run, recipe[2]), "train_minutes": training_minutes(run, batch),
                      "nfe": {nfe: {"judge": {group: measured[str(nfe)]["judge"][group]
                                              for group in ("seen", "heldout")},
@@ -139,9 +144,11 @@ def recipe_rows(results, folder, recipe, configs, encoder, seed, batch):
 
 
 def markdown(rows, floors):
-    """The rows as one table: all-correct accuracy (seen / held-out) at every NFE, attributes at NFE 8."""
+    """The rows as one table: all-correct accuracy (seen / held-out) at every NFE, attributes at NFE 8, and
+    seen all-correct accuracy at the run's checkpoints (quality against CPU minutes)."""
     header = ["recipe", "configuration", "parameters", "training min",
-              *(f"all correct NFE {nfe}" for nfe in NFE), "item / size / tone NFE 8", "FD seen NFE 4"]
+              *(f"all correct NFE {nfe}" for nfe in NFE), "item / size / tone NFE 8", "FD seen NFE 4",
+              f"seen, NFE {experiment.CURVE_NFE}, at each quarter of the steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         judged = {nfe: row["nfe"].get(nfe) for nfe in NFE}
@@ -152,7 +159,8 @@ def markdown(rows, floors):
         fd = f"{judged[4]['fd_seen']:.0f}" if judged[4] else "-"
         lines.append("| " + " | ".join([row["recipe"], experiment.NAMES[row["config"]],
                                         f"{row['parameters'] / 1e6:.2f}M", f"{row['train_minutes']:.1f}",
-                                        *cells, attributes, fd]) + " |")
+                                        *cells, attributes, fd,
+                                        " / ".join(f"{100 * v:.0f}" for v in row["curve"].values())]) + " |")
     real, judged = floors["real"], floors["real"]["judge"]
     lines.append(f"\nReal canvases: all correct {judged['seen']['all']:.0%} / "
                  f"{judged['heldout']['all']:.0%}, FD-EffNet seen {real['fd']['seen']:.0f} (the floor).")
@@ -174,6 +182,7 @@ def plot(rows, path):
                       label=f"{row['recipe']} ({row['train_minutes']:.0f} min)")
         axis.set(xscale="log", xticks=list(NFE), xticklabels=list(NFE), xlabel="Euler NFE",
                  title=experiment.NAMES[config])
+        axis.minorticks_off()
         axis.legend(fontsize=7)
     axes[0][0].set_ylabel("all attributes correct, seen captions (%)")
     figure.tight_layout()

@@ -131,12 +131,12 @@ def test_recipe_search_reads_recipes_minutes_and_rows(tmp_path):
     judge = {"seen": {"item": 0.5, "size": 0.75, "tone": 1.0, "all": 0.25},
              "heldout": {"item": 0.4, "size": 0.5, "tone": 0.5, "all": 0.125}}
     row = {"recipe": search.recipe_name("mini", 4, 2760), "config": "condot", "parameters": 1.78e6,
-           "train_minutes": 11.04,
+           "train_minutes": 11.04, "curve": {690: 0.1, 2760: 0.25},
            "nfe": {4: {"judge": judge, "fd_seen": 700.4}, 8: {"judge": judge, "fd_seen": 1}}}
     floors = {"real": {"judge": {"seen": {"all": 0.9}, "heldout": {"all": 0.88}}, "fd": {"seen": 200.0}}}
     table = search.markdown([row], floors).splitlines()
     assert table[2] == ("| mini p4, 2760 steps | CondOT (N(0, I)) | 1.78M | 11.0 | - | - | 25% / 12% "
-                        "| 25% / 12% | 50% / 75% / 100% | 700 |")
+                        "| 25% / 12% | 50% / 75% / 100% | 700 | 10 / 25 |")
     assert "90% / 88%" in table[-1]
 
 
