@@ -921,11 +921,11 @@ def parse_args(argv=None):
     add("--model", default="small-p8",
         help="train_text.py --model (small-p8: the CPU recipe of docs/fashion_mnist.md)")
     add("--patch-size", type=int, default=None, help="train_text.py --patch-size (default: the preset's)")
-    add("--steps", type=int, default=4000, help="flow steps of every run")
+    add("--steps", type=int, default=1000, help="flow steps of every run")
     add("--mapper-steps", type=int, default=1000, help="mapper steps of the text-prior runs")
     add("--seeds", type=int, nargs="+", default=[0], help="training seeds of every configuration")
-    add("--global-batch", type=int, default=256, help="images per optimizer step")
-    add("--lr", type=float, default=3e-4, help="learning rate")
+    add("--global-batch", type=int, default=128, help="images per optimizer step")
+    add("--lr", type=float, default=1e-3, help="learning rate")
     add("--max-train-images", type=int, default=None,
         help="first N train items in the data folder (default: all 60k)")
     add("--image-size", type=int, default=64, help="canvas side in pixels of the data folder")
@@ -934,7 +934,7 @@ def parse_args(argv=None):
     add("--images-per-prompt", type=int, default=2, help="images per caption at every NFE")
     add("--reference-images", type=int, default=1000,
         help="even-numbered real canvases per split for the FD reference (seen and held-out cut to one size)")
-    add("--parallel", type=int, default=len(CONFIGS) * len(ENCODERS), help="processes at once")
+    add("--parallel", type=int, default=2, help="processes at once, each with its share of the cores")
     add("--quiet", action="store_true", help="no progress bars in this process")
     add("--smoke", action="store_true", help="tiny budget on the CPU under a temporary folder")
     args = parser.parse_args(argv)
