@@ -98,11 +98,16 @@ def trained_runs(args):
     found = []
     for config, encoder, seed in runs(args):
         run = os.path.join(args.out, "runs", run_name(config, encoder, seed))
-        if os.path.isfile(checkpoint_path(run, args.steps)):
+        if is_trained(args, run):
             found.append((run_name(config, encoder, seed), run))
         else:
             print(f"no checkpoint of step {args.steps} in {run}: skipped", flush=True)
     return found
+
+
+def is_trained(args, run):
+    """Whether the run folder holds its last (--steps) checkpoint."""
+    return os.path.isfile(checkpoint_path(run, args.steps))
 
 
 def encoder_option(args, encoder):
@@ -187,7 +192,7 @@ def train(args):
     commands = []
     for config, encoder, seed in runs(args):
         name = run_name(config, encoder, seed)
-        if os.path.isfile(checkpoint_path(os.path.join(args.out, "runs", name), args.steps)):
+        if is_trained(args, os.path.join(args.out, "runs", name)):
             print(f"{name}: trained before (its step-{args.steps} checkpoint exists): kept", flush=True)
             continue
         commands.append((python("train_text.py", *train_options(args, config, encoder, seed)),

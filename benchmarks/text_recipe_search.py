@@ -84,7 +84,7 @@ def recipe_settings(args, settings, recipe):
 def missing_results(options):
     """Names of this folder's runs (configs x encoders x seeds) that its eval/results.json lacks."""
     path = os.path.join(options.out, "eval", "results.json")
-    found = read_json(path)["runs"] if os.path.isfile(path) else {}
+    found = flow.read_json(path, "experiment results")["runs"] if os.path.isfile(path) else {}
     names = [experiment.run_name(*run) for run in experiment.runs(options)]
     return [name for name in names if name not in found]
 
@@ -101,13 +101,8 @@ def run_recipe(args, settings, recipe):
     return read_results(options.out)
 
 
-def read_json(path):
-    with open(path) as file:
-        return json.load(file)
-
-
 def read_results(folder):
-    return read_json(os.path.join(folder, "eval", "results.json"))
+    return flow.read_json(os.path.join(folder, "eval", "results.json"), "experiment results")
 
 
 def training_minutes(run, batch):
@@ -191,7 +186,7 @@ def plot(rows, path):
 
 
 def main(args):
-    settings = read_json(os.path.join(args.experiment, "experiment_args.json"))
+    settings = flow.read_json(os.path.join(args.experiment, "experiment_args.json"), "experiment settings")
     encoder = settings["encoders"][0]
     rows = []
     for recipe in args.recipes:
