@@ -7,6 +7,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Under pytest-xdist (-n auto) the workers share the cores: one worker's torch (and the scripts it starts)
+# takes its share of them rather than all, so that workers do not fight over every core.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def outside_the_repository(tmp_path_factory):
